@@ -1,0 +1,28 @@
+"""CRATE and CRATE-MAE as plain PyTorch modules; importing registers the classifiers in timm."""
+
+from .crate import Crate, CrateBlock, IstaBlock, LayerTrace, SubspaceAttention, WhiteboxTrace
+from .crate_mae import CrateMAE
+from .factory import (
+    MODEL_NAMES,
+    CheckpointMismatchError,
+    LoadResult,
+    create_model,
+    load_pretrained,
+    to_released_state_dict,
+)
+
+__all__ = [
+    "Crate",
+    "CrateBlock",
+    "CrateMAE",
+    "CheckpointMismatchError",
+    "IstaBlock",
+    "LayerTrace",
+    "LoadResult",
+    "MODEL_NAMES",
+    "SubspaceAttention",
+    "WhiteboxTrace",
+    "create_model",
+    "load_pretrained",
+    "to_released_state_dict",
+]

@@ -65,7 +65,7 @@ def _regular_polygon(n: int, start: float = math.pi / 2) -> np.ndarray:
 def _star_polygon(points: int = 5, inner: float = 0.42) -> np.ndarray:
     angles = [math.pi / 2 + math.pi * k / points for k in range(2 * points)]
     radii = [1.0 if k % 2 == 0 else inner for k in range(2 * points)]
-    return np.array([(r * math.cos(a), r * math.sin(a)) for r, a in zip(radii, angles)])
+    return np.array([(r * math.cos(a), r * math.sin(a)) for r, a in zip(radii, angles, strict=True)])
 
 
 def _normalised(vertices: list[tuple[float, float]]) -> np.ndarray:
@@ -108,8 +108,7 @@ _POLYGONS: dict[str, np.ndarray] = {
 
 # Edge endpoints (x1, y1, x2, y2) per polygon, precomputed once.
 _POLYGON_EDGES: dict[str, tuple[np.ndarray, ...]] = {
-    name: (v[:, 0], v[:, 1], np.roll(v[:, 0], -1), np.roll(v[:, 1], -1))
-    for name, v in _POLYGONS.items()
+    name: (v[:, 0], v[:, 1], np.roll(v[:, 0], -1), np.roll(v[:, 1], -1)) for name, v in _POLYGONS.items()
 }
 
 
@@ -348,9 +347,7 @@ class ShapesDataset(Dataset):
     def __len__(self) -> int:
         return self.size
 
-    def __getitem__(
-        self, index: int
-    ) -> tuple[torch.Tensor, int] | tuple[torch.Tensor, int, torch.Tensor]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | tuple[torch.Tensor, int, torch.Tensor]:
         index = int(index)
         self._check_index(index)
         images, labels, masks = self.materialize()

@@ -73,11 +73,11 @@ class PatchTokenizer(nn.Module):
         self.norm = nn.LayerNorm(embed_dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        torch._assert(
-            x.shape[-2] == self.img_size[0] and x.shape[-1] == self.img_size[1],
-            "input image size does not match the model's img_size; resize the input or "
-            "build the model with that img_size (load_pretrained interpolates pos_embed)",
-        )
+        # one assert per side: torch.fx traces each comparison, not their ``and``
+        message = "input image size does not match the model's img_size; resize the input or build "
+        message += "the model with that img_size (load_pretrained resamples the position table)"
+        torch._assert(x.shape[-2] == self.img_size[0], message)
+        torch._assert(x.shape[-1] == self.img_size[1], message)
         p = self.patch_size
         gh, gw = self.grid_size
         # channel fastest inside a patch, as the released einops pattern (p1 p2 c)
@@ -199,9 +199,7 @@ class CrateBlock(nn.Module):
         return sparse, LayerTrace(w, attn, compressed, sparse)
 
 
-def resample_pos_embed(
-    pos_embed: Tensor, grid_size: Tuple[int, int], num_prefix_tokens: int = 1
-) -> Tensor:
+def resample_pos_embed(pos_embed: Tensor, grid_size: Tuple[int, int], num_prefix_tokens: int = 1) -> Tensor:
     """Bicubic resize of the patch part of a (1, prefix + H*W, d) table; prefix rows kept."""
     prefix, patches = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
     old = int(math.isqrt(patches.shape[1]))
@@ -321,7 +319,7 @@ class Crate(nn.Module):
             gh, gw = self.patch_embed.grid_size
             kept = [y.reshape(y.shape[0], gh, gw, -1).permute(0, 3, 1, 2).contiguous() for y in kept]
         if return_prefix_tokens:
-            kept = list(zip(kept, prefix))
+            kept = list(zip(kept, prefix, strict=True))
         return kept if intermediates_only else (x, kept)
 
     @torch.jit.ignore

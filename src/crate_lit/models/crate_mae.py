@@ -10,7 +10,7 @@ MSSA subtracted). Loss on masked patches only.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -68,10 +68,9 @@ class ConvPatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        torch._assert(
-            x.shape[-2] == self.img_size[0] and x.shape[-1] == self.img_size[1],
-            "input image size does not match the model's img_size",
-        )
+        message = "input image size does not match the model's img_size"
+        torch._assert(x.shape[-2] == self.img_size[0], message)
+        torch._assert(x.shape[-1] == self.img_size[1], message)
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
@@ -124,9 +123,7 @@ class CrateMAE(nn.Module):
         # both fixed tables are parameters without grad in the released model; the
         # encoder's own table is never added in its forward pass
         self.pos_embed = nn.Parameter(sincos_pos_embed_2d(embed_dim, grid), requires_grad=False)
-        self.decoder_pos_embed = nn.Parameter(
-            sincos_pos_embed_2d(embed_dim, grid), requires_grad=False
-        )
+        self.decoder_pos_embed = nn.Parameter(sincos_pos_embed_2d(embed_dim, grid), requires_grad=False)
         assert self.pos_embed.shape[1] == num_tokens
         self.blocks = nn.ModuleList(
             [CrateBlock(embed_dim, num_heads, step_size, lambd) for _ in range(depth)]
@@ -236,9 +233,7 @@ class CrateMAE(nn.Module):
         return self.forward_encoder(imgs, mask_ratio=0.0)[0]
 
     @torch.jit.ignore
-    def trace(
-        self, imgs: Tensor, mask_ratio: float = 0.0, noise: Optional[Tensor] = None
-    ) -> WhiteboxTrace:
+    def trace(self, imgs: Tensor, mask_ratio: float = 0.0, noise: Optional[Tensor] = None) -> WhiteboxTrace:
         """Per-layer traces of the encoder (see ``LayerTrace``); ``output`` holds the
         reconstruction (B, L, p*p*C), ``extras['mask']`` the mask."""
         mask = self.random_masking(imgs.shape[0], mask_ratio, noise, imgs.device)

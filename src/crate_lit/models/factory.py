@@ -161,7 +161,9 @@ def load_pretrained(
             "(see crate_lit.models.MODEL_NAMES) or pass strict=False to skip missing/unexpected keys"
         )
     if missing or unexpected:
-        log.warning("load_pretrained skipped %s; %s", _summary("missing", missing), _summary("unexpected", unexpected))
+        log.warning(
+            "load_pretrained skipped %s; %s", _summary("missing", missing), _summary("unexpected", unexpected)
+        )
     result.missing, result.unexpected = missing, unexpected
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
     return result

@@ -1,0 +1,281 @@
+"""CRATE classifier: published sizes, the spec's function, shapes, timm conventions.
+
+The reference below is a deliberately plain transcription of the spec's formulas
+(explicit per-head softmax attention, the three-product ISTA step) that reads weights
+by their *released* key names, so it checks the mapping and the function together.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+from crate_lit.models import Crate, create_model, load_pretrained, to_released_state_dict
+
+PUBLISHED = {  # spec table: name -> (d, depth, heads, params with 1000 classes)
+    "crate_tiny": (384, 12, 6, 6_090_856),
+    "crate_small": (576, 12, 12, 13_116_328),
+    "crate_base": (768, 12, 12, 22_796_008),
+    "crate_large": (1024, 24, 16, 77_641_192),
+}
+FP32_ATOL = 1e-4  # fp32 logits vs. the plain reference (values of order 1)
+
+
+# -- a plain reference of spec section 1 ------------------------------------------------
+def released_state_dict(d, depth, classes, patch, img, gen):
+    """Released key names and shapes, random values of a sensible scale."""
+    pd = patch * patch * 3
+    n = (img // patch) ** 2
+
+    def mat(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64) / math.sqrt(shape[-1])
+
+    def ln(size):
+        return 1 + 0.1 * torch.randn(size, generator=gen, dtype=torch.float64)
+
+    def vec(size):
+        return 0.1 * torch.randn(size, generator=gen, dtype=torch.float64)
+
+    sd = {
+        "cls_token": torch.randn(1, 1, d, generator=gen, dtype=torch.float64),
+        "pos_embedding": torch.randn(1, n + 1, d, generator=gen, dtype=torch.float64),
+        "to_patch_embedding.1.weight": ln(pd),
+        "to_patch_embedding.1.bias": vec(pd),
+        "to_patch_embedding.2.weight": mat(d, pd),
+        "to_patch_embedding.2.bias": vec(d),
+        "to_patch_embedding.3.weight": ln(d),
+        "to_patch_embedding.3.bias": vec(d),
+        "mlp_head.0.weight": ln(d),
+        "mlp_head.0.bias": vec(d),
+        "mlp_head.1.weight": mat(classes, d),
+        "mlp_head.1.bias": vec(classes),
+    }
+    for i in range(depth):
+        p = f"transformer.layers.{i}."
+        sd[p + "0.norm.weight"], sd[p + "0.norm.bias"] = ln(d), vec(d)
+        sd[p + "0.fn.qkv.weight"] = mat(d, d)
+        sd[p + "0.fn.to_out.0.weight"], sd[p + "0.fn.to_out.0.bias"] = mat(d, d), vec(d)
+        sd[p + "1.norm.weight"], sd[p + "1.norm.bias"] = ln(d), vec(d)
+        sd[p + "1.fn.weight"] = torch.empty(d, d, dtype=torch.float64).uniform_(
+            -math.sqrt(6 / d), math.sqrt(6 / d), generator=gen
+        )
+    return sd
+
+
+def layer_norm(x, sd, prefix, eps=1e-5):
+    mean = x.mean(-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(-1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + eps) * sd[prefix + "weight"] + sd[prefix + "bias"]
+
+
+def plain_mssa(x, U, W_out, b_out, heads):
+    w = x @ U.T
+    p = w.shape[-1] // heads
+    outputs = []
+    for k in range(heads):
+        wk = w[..., k * p : (k + 1) * p]
+        scores = wk @ wk.transpose(-1, -2) / math.sqrt(p)
+        attn = torch.exp(scores - scores.max(-1, keepdim=True).values)
+        attn = attn / attn.sum(-1, keepdim=True)
+        outputs.append(attn @ wk)
+    return torch.cat(outputs, -1) @ W_out.T + b_out
+
+
+def plain_ista(x, D, eta, lam):
+    # three products, literally D^T x - D^T D x (row vectors: D x is x @ D.T)
+    dt_x = x @ D
+    dt_d_x = (x @ D.T) @ D
+    return torch.clamp(x + eta * (dt_x - dt_d_x) - eta * lam, min=0)
+
+
+def plain_crate(sd, img, patch, heads, depth, pool="cls", eta=0.1, lam=0.1):
+    B, C, H, W = img.shape
+    patches = [
+        img[:, :, r * patch : (r + 1) * patch, c * patch : (c + 1) * patch].permute(0, 2, 3, 1).reshape(B, -1)
+        for r in range(H // patch)
+        for c in range(W // patch)
+    ]
+    x = torch.stack(patches, 1)
+    x = layer_norm(x, sd, "to_patch_embedding.1.")
+    x = x @ sd["to_patch_embedding.2.weight"].T + sd["to_patch_embedding.2.bias"]
+    x = layer_norm(x, sd, "to_patch_embedding.3.")
+    x = torch.cat([sd["cls_token"].expand(B, 1, -1), x], 1) + sd["pos_embedding"]
+    for i in range(depth):
+        p = f"transformer.layers.{i}."
+        x = x + plain_mssa(
+            layer_norm(x, sd, p + "0.norm."),
+            sd[p + "0.fn.qkv.weight"],
+            sd[p + "0.fn.to_out.0.weight"],
+            sd[p + "0.fn.to_out.0.bias"],
+            heads,
+        )
+        x = plain_ista(layer_norm(x, sd, p + "1.norm."), sd[p + "1.fn.weight"], eta, lam)
+    pooled = x[:, 0] if pool == "cls" else x.mean(1)
+    pooled = layer_norm(pooled, sd, "mlp_head.0.")
+    return pooled @ sd["mlp_head.1.weight"].T + sd["mlp_head.1.bias"], x
+
+
+# -- published sizes --------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_published_parameter_counts(name):
+    d, depth, heads, params = PUBLISHED[name]
+    with torch.device("meta"):
+        model = create_model(name)
+    assert sum(p.numel() for p in model.parameters()) == params
+    assert (model.embed_dim, len(model.blocks), model.blocks[0].mssa.num_heads) == (d, depth, heads)
+    assert sum(p.numel() for p in model.blocks[0].parameters()) == 3 * d * d + 5 * d
+
+
+def test_released_init_scales():
+    model = create_model("crate_small")
+    dictionary = model.blocks[0].ista.dictionary
+    bound = math.sqrt(6 / 576)
+    assert dictionary.abs().max() <= bound and dictionary.abs().max() > 0.95 * bound
+    assert 0.9 < model.pos_embed.std() < 1.1 and 0.7 < model.cls_token.std() < 1.3
+
+
+# -- the function ------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "img,patch,heads,depth,pool", [(32, 8, 2, 2, "cls"), (32, 4, 4, 3, "mean"), (48, 16, 3, 2, "cls")]
+)
+def test_matches_plain_reference(img, patch, heads, depth, pool):
+    gen = torch.Generator().manual_seed(img + patch + depth)
+    d, classes = 48, 7
+    # fp32 values (what a checkpoint holds), the reference computes in fp64 on them
+    sd = {k: v.float().double() for k, v in released_state_dict(d, depth, classes, patch, img, gen).items()}
+    model = Crate(
+        img_size=img,
+        patch_size=patch,
+        num_classes=classes,
+        embed_dim=d,
+        depth=depth,
+        num_heads=heads,
+        global_pool=pool,
+    ).eval()
+    result = load_pretrained(model, {k: v.float() for k, v in sd.items()})
+    assert result.released_layout and not result.missing and not result.unexpected
+    images = torch.randn(3, 3, img, img, generator=gen, dtype=torch.float64)
+    expected, tokens = plain_crate(sd, images, patch, heads, depth, pool)
+    with torch.no_grad():
+        got32 = model(images.float())
+        model.double()
+        got64 = model(images)
+        features = model.forward_features(images)
+    torch.testing.assert_close(got64, expected, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(features, tokens, atol=1e-10, rtol=1e-10)
+    assert (got32.double() - expected).abs().max() < FP32_ATOL
+
+
+def test_ista_output_is_nonnegative_and_sparse():
+    model = create_model("crate_micro").eval()
+    trace = model.trace(torch.randn(4, 3, 32, 32))
+    for layer in trace.layers:
+        assert layer.sparse.min() >= 0
+        assert (layer.sparse == 0).any()  # relu with a positive threshold zeroes entries
+    assert model.forward_features(torch.randn(2, 3, 32, 32)).min() >= 0
+
+
+@pytest.mark.parametrize("img,patch", [(32, 4), (32, 8), (48, 16), (64, 8), ((32, 48), 16)])
+def test_output_shapes_for_other_sizes(img, patch):
+    model = create_model("crate_micro", img_size=img, patch_size=patch, num_classes=5)
+    h, w = (img, img) if isinstance(img, int) else img
+    x = torch.randn(2, 3, h, w)
+    n = (h // patch) * (w // patch)
+    assert model(x).shape == (2, 5)
+    assert model.forward_features(x).shape == (2, n + 1, 32)
+    assert model.pos_embed.shape == (1, n + 1, 32)
+
+
+def test_bad_sizes_are_clear_errors():
+    with pytest.raises(ValueError, match="not divisible by patch size"):
+        create_model("crate_micro", img_size=30, patch_size=8)
+    with pytest.raises(ValueError, match="not divisible by num_heads"):
+        create_model("crate_micro", embed_dim=30, num_heads=4)
+    with pytest.raises(ValueError, match="unknown model 'crate_tinny'.*crate_tiny"):
+        create_model("crate_tinny")
+    with pytest.raises(ValueError, match="global_pool"):
+        create_model("crate_micro", global_pool="max")
+
+
+def test_trace_is_the_same_function():
+    model = create_model("crate_micro").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        trace = model.trace(x)
+        torch.testing.assert_close(trace.output, model(x), atol=1e-5, rtol=1e-5)
+    first = trace.layers[0]
+    assert first.attention.shape == (2, 2, 17, 17)
+    torch.testing.assert_close(first.attention.sum(-1), torch.ones(2, 2, 17))
+    assert first.subspace.shape == (2, 2, 17, 16)
+    assert first.compressed.shape == first.sparse.shape == (2, 17, 32)
+    assert trace.stack("sparse").shape == (2, 2, 17, 32)
+
+
+def test_released_round_trip_is_identity():
+    gen = torch.Generator().manual_seed(0)
+    sd = {k: v.float() for k, v in released_state_dict(32, 2, 10, 8, 32, gen).items()}
+    model = create_model("crate_micro")
+    load_pretrained(model, {"state_dict": {"module." + k: v for k, v in sd.items()}})
+    back = to_released_state_dict(model)
+    assert back.keys() == sd.keys()
+    for key in sd:
+        assert torch.equal(back[key], sd[key]), key
+
+
+# -- timm conventions -------------------------------------------------------------------
+def test_timm_registry_and_conventions():
+    model = timm.create_model("crate_small", num_classes=10)
+    assert isinstance(model, Crate) and model.num_classes == 10 and model.num_features == 576
+    assert model.pretrained_cfg["input_size"] == (3, 224, 224)
+    assert model.default_cfg["classifier"] == "head"
+    assert "crate_tiny" in timm.list_models("crate_*")
+    micro = timm.create_model("crate_micro")
+    x = torch.randn(2, 3, 32, 32)
+    assert micro.forward_head(micro.forward_features(x), pre_logits=True).shape == (2, 32)
+    micro.reset_classifier(3)
+    assert micro(x).shape == (2, 3)
+    micro.reset_classifier(0)
+    assert micro(x).shape == (2, 32)
+
+
+def test_forward_intermediates_and_features_only():
+    model = create_model("crate_micro").eval()
+    x = torch.randn(2, 3, 32, 32)
+    final, inter = model.forward_intermediates(x)
+    assert len(inter) == 2 and inter[0].shape == (2, 32, 4, 4)
+    torch.testing.assert_close(final, model.forward_features(x))
+    torch.testing.assert_close(inter[-1].flatten(2).transpose(1, 2), final[:, 1:])
+    feats = timm.create_model("crate_micro", features_only=True, out_indices=(0, 1))
+    outs = feats(x)
+    assert [o.shape for o in outs] == [(2, 32, 4, 4)] * 2
+    assert feats.feature_info.channels() == [32, 32]
+
+
+def test_torchscript_and_fx():
+    model = create_model("crate_micro").eval()
+    x = torch.randn(2, 3, 32, 32)
+    scripted = torch.jit.script(model)
+    torch.testing.assert_close(scripted(x), model(x))
+    traced = torch.fx.symbolic_trace(model)
+    torch.testing.assert_close(traced(x), model(x))
+
+
+def test_bf16_autocast_runs_close():
+    model = create_model("crate_micro").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model(x)
+    assert low.dtype == torch.bfloat16
+    assert (low.float() - model(x)).abs().max() < 0.25
+
+
+def test_fast_ista_equals_three_product_form():
+    block = create_model("crate_micro").blocks[0].ista.double()
+    x = torch.randn(4, 9, 32, dtype=torch.float64)
+    expected = plain_ista(x, block.dictionary.detach(), 0.1, 0.1)
+    torch.testing.assert_close(block(x), expected, atol=1e-12, rtol=1e-12)
+    assert F.relu(x).shape == block(x).shape

@@ -279,3 +279,14 @@ def test_fast_ista_equals_three_product_form():
     expected = plain_ista(x, block.dictionary.detach(), 0.1, 0.1)
     torch.testing.assert_close(block(x), expected, atol=1e-12, rtol=1e-12)
     assert F.relu(x).shape == block(x).shape
+
+
+def test_benchmark_plain_reference_is_the_same_function():
+    from crate_lit.bench import PlainCrate
+
+    model = create_model("crate_micro").eval()
+    plain = PlainCrate(img_size=32, patch_size=8, num_classes=10, embed_dim=32, depth=2, num_heads=2).eval()
+    plain.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), model(x), atol=1e-5, rtol=1e-5)

@@ -1,0 +1,161 @@
+"""crate-train through its real command line, in subprocesses."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+from crate_lit.models import create_model, load_pretrained
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+# a few optimizer steps on a tiny model and split: seconds, not minutes
+QUICK = [
+    "model=crate_micro",
+    "data.train_size=64",
+    "data.val_size=32",
+    "data.batch_size=16",
+    "trainer.max_epochs=2",
+    "trainer.enable_progress_bar=false",
+]
+
+
+def crate_train(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(BIN / "crate-train"), *args],
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.mark.slow
+def test_short_run_writes_checkpoint_metrics_and_summary(tmp_path):
+    proc = crate_train(*QUICK, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = list((tmp_path / "outputs").glob("*/*/summary.json"))
+    assert len(runs) == 1
+    summary_path = runs[0]
+    assert f"summary:    {summary_path}" in proc.stdout.replace(str(tmp_path), str(tmp_path))
+    summary = json.loads(summary_path.read_text())
+    run_dir = summary_path.parent
+    assert Path(summary["output_dir"]) == run_dir
+    assert summary["epochs"] == 2 and summary["global_step"] == 2 * (64 // 16)
+    assert 0.0 <= summary["metrics"]["val/acc1"] <= 1.0
+    assert summary["wall_time_s"] > 0
+    # checkpoints exist and hold the model
+    best, last = Path(summary["checkpoints"]["best"]), Path(summary["checkpoints"]["last"])
+    assert best.is_file() and last.is_file() and last.name == "last.ckpt"
+    checkpoint = torch.load(last, map_location="cpu", weights_only=True)
+    assert checkpoint["global_step"] == 8
+    model = create_model("crate_micro")
+    load_pretrained(model, last)  # crate-lit's own Lightning checkpoint loads by path
+    # metrics: one row per logged step/epoch with the validation accuracy present
+    rows = list(csv.DictReader(open(summary["metrics_file"])))
+    assert any(r.get("val/acc1") for r in rows) and any(r.get("train/loss") for r in rows)
+    # the composed config is saved next to them and names the overrides
+    config = (run_dir / ".hydra" / "config.yaml").read_text()
+    assert Path(summary["config"]) == run_dir / ".hydra" / "config.yaml"
+    assert "name: crate_micro" in config and "train_size: 64" in config
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        ("data.image_size=abc", "data.image_size must be an integer"),
+        ("optimizer.lr=fast", "optimizer.lr must be a positive number"),
+        ("optimizer.name=adamx", "unknown optimizer.name 'adamx'"),
+        ("model.global_pool=max", "global_pool must be 'cls' or 'mean'"),
+        ("model.name=crate_tinny", "did you mean 'crate_tiny'"),
+        ("data.image_size=36", "not divisible by model.patch_size=8"),
+        ("data.batch_size=10", None),  # fine on one device: control case
+        ("data.num_classes=40", "num_classes"),
+        ("model.pretrained=/nonexistent/ckpt.pth", "checkpoint not found"),
+    ],
+)
+def test_config_value_typos_give_one_line_errors(tmp_path, override, expected):
+    args = [*QUICK, "trainer.max_epochs=1", override]
+    proc = crate_train(*args, cwd=tmp_path)
+    if expected is None:
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in proc.stderr
+    assert errors[-1].startswith("crate-train: error: ") and expected in errors[-1], proc.stderr
+
+
+@pytest.mark.slow
+def test_unknown_group_option_is_reported_by_hydra(tmp_path):
+    proc = crate_train("optimizer=adamx", cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert "adamx" in proc.stderr and "Available options" in proc.stderr
+
+
+def test_cfg_job_prints_the_composed_config(tmp_path):
+    proc = crate_train("--cfg", "job", "optimizer=lion", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "name: lion" in proc.stdout and "name: crate_mini" in proc.stdout
+    assert "img_size: ${data.image_size}" in proc.stdout  # interpolation, not a copied number
+
+
+@pytest.mark.slow
+def test_built_wheel_ships_configs_and_runs_outside_the_repo(tmp_path):
+    """Build the wheel, install it without its dependencies into a fresh venv that sees this
+    environment's packages through a .pth file, and ask for the config from another folder."""
+    if shutil.which("uv") is None and not (BIN / "uv").exists():
+        builder = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(tmp_path / "dist"), str(REPO)]
+    else:
+        uv = shutil.which("uv") or str(BIN / "uv")
+        builder = [uv, "build", "--wheel", "--out-dir", str(tmp_path / "dist"), str(REPO)]
+    subprocess.run(builder, check=True, capture_output=True, timeout=600)
+    wheel = next((tmp_path / "dist").glob("crate_lit-*.whl"))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    site = next(venv.glob("lib/python*/site-packages"))
+    # dependencies from this environment (a .pth does not run the editable hook of the
+    # checkout, so crate_lit itself can only come from the wheel)
+    (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    env = {**os.environ, "PYTHONPATH": "", "PIP_FIND_LINKS": ""}
+    subprocess.run(
+        [str(venv / "bin" / "python"), "-m", "pip", "install", "--no-deps", "--no-index", str(wheel)],
+        check=True,
+        capture_output=True,
+        env=env,
+        timeout=300,
+    )
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    probe = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", "import crate_lit; print(crate_lit.__file__)"],
+        cwd=outside,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert probe.returncode == 0, probe.stderr
+    assert str(site) in probe.stdout, "crate_lit must come from the installed wheel, not the checkout"
+    proc = subprocess.run(
+        [str(venv / "bin" / "crate-train"), "--cfg", "job"],
+        cwd=outside,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "name: crate_mini" in proc.stdout and "warmup_epochs" in proc.stdout
+    assert not (outside / "outputs").exists()  # --cfg job prints, runs nothing

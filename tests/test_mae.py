@@ -1,0 +1,231 @@
+"""CRATE-MAE against a plain transcription of the released forward pass (spec section 2)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from crate_lit.models import CrateMAE, create_model, load_pretrained, to_released_state_dict
+from crate_lit.models.crate_mae import sincos_pos_embed_2d
+from test_models import layer_norm, plain_ista, plain_mssa
+
+PUBLISHED = {  # name -> (all params, trainable params)
+    "mae_crate_tiny": (11_555_328, 11_404_032),
+    "mae_crate_small": (25_405_824, 25_178_880),
+    "mae_crate_base": (44_638_464, 44_335_872),
+    "mae_crate_large": (154_274_560, 153_871_104),
+}
+FP32_ATOL = 1e-4
+
+
+def numpy_sincos(dim, grid):
+    """MAE's table as its paper describes it, in numpy: columns first, then rows."""
+
+    def one_axis(d, pos):
+        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+        out = np.outer(pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    cols, rows = np.meshgrid(np.arange(grid), np.arange(grid))
+    table = np.concatenate([one_axis(dim // 2, cols), one_axis(dim // 2, rows)], axis=1)
+    return np.concatenate([np.zeros((1, dim)), table], axis=0)
+
+
+def released_mae_state_dict(d, depth, patch, img, gen):
+    n = (img // patch) ** 2
+
+    def mat(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64) / math.sqrt(shape[-1])
+
+    def ln(prefix):
+        return {
+            prefix + "weight": 1 + 0.1 * torch.randn(d, generator=gen, dtype=torch.float64),
+            prefix + "bias": 0.1 * torch.randn(d, generator=gen, dtype=torch.float64),
+        }
+
+    table = torch.from_numpy(numpy_sincos(d, img // patch)).unsqueeze(0)
+    sd = {
+        "cls_token": 0.02 * torch.randn(1, 1, d, generator=gen, dtype=torch.float64),
+        "mask_token": 0.02 * torch.randn(1, 1, d, generator=gen, dtype=torch.float64),
+        "pos_embed": table.clone(),
+        "decoder_pos_embed": table.clone(),
+        "patch_embed.proj.weight": mat(d, 3, patch, patch) / patch,
+        "patch_embed.proj.bias": 0.1 * torch.randn(d, generator=gen, dtype=torch.float64),
+        **ln("norm."),
+        "decoder_embed.weight": mat(d, d),
+        "decoder_embed.bias": torch.zeros(d, dtype=torch.float64),
+        **ln("decoder_norm."),
+        "decoder_pred.weight": mat(patch * patch * 3, d),
+        "decoder_pred.bias": 0.1 * torch.randn(patch * patch * 3, generator=gen, dtype=torch.float64),
+    }
+    assert sd["pos_embed"].shape == (1, n + 1, d)
+    for i in range(depth):
+        e, q = f"blocks.{i}.layers.0.", f"decoder_blocks.{i}.layers.0."
+        sd.update(ln(e + "0.norm."))
+        sd[e + "0.fn.qkv.weight"] = mat(d, d)
+        sd[e + "0.fn.to_out.0.weight"], sd[e + "0.fn.to_out.0.bias"] = mat(d, d), 0.1 * mat(d)
+        sd.update(ln(e + "1.norm."))
+        sd[e + "1.fn.weight"] = mat(d, d)
+        sd.update(ln(q + "0.norm."))
+        sd[q + "0.fn.weight"] = mat(d, d)
+        sd.update(ln(q + "1.norm."))
+        sd[q + "1.fn.qkv.weight"] = mat(d, d)
+        sd[q + "1.fn.to_out.0.weight"], sd[q + "1.fn.to_out.0.bias"] = mat(d, d), 0.1 * mat(d)
+    return {k: v.float().double() for k, v in sd.items()}
+
+
+def plain_mae(sd, imgs, noise, mask_ratio, patch, heads, depth, norm_pix_loss=False):
+    """The released forward: keep a subset by sorted noise, put mask tokens back by gathering,
+    add the decoder table, CRATE encoder (lambda 0.5), transposed decoder, masked MSE."""
+    B, C, H, W = imgs.shape
+    g = H // patch
+    x = torch.nn.functional.conv2d(imgs, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=patch)
+    x = x.flatten(2).transpose(1, 2)
+    L, D = x.shape[1], x.shape[2]
+    len_keep = int(L * (1 - mask_ratio))
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    kept = torch.gather(x, 1, ids_shuffle[:, :len_keep, None].expand(-1, -1, D))
+    mask = torch.ones(B, L, dtype=x.dtype)
+    mask[:, :len_keep] = 0
+    mask = torch.gather(mask, 1, ids_restore)
+    seq = torch.cat([kept, sd["mask_token"].expand(B, L - len_keep, D)], 1)
+    seq = torch.gather(seq, 1, ids_restore[..., None].expand(-1, -1, D))
+    x = torch.cat([sd["cls_token"].expand(B, 1, D), seq], 1) + sd["decoder_pos_embed"]
+    for i in range(depth):
+        p = f"blocks.{i}.layers.0."
+        x = x + plain_mssa(
+            layer_norm(x, sd, p + "0.norm."),
+            sd[p + "0.fn.qkv.weight"],
+            sd[p + "0.fn.to_out.0.weight"],
+            sd[p + "0.fn.to_out.0.bias"],
+            heads,
+        )
+        x = plain_ista(layer_norm(x, sd, p + "1.norm."), sd[p + "1.fn.weight"], 0.1, 0.5)
+    x = layer_norm(x, sd, "norm.", eps=1e-6)
+    for i in range(depth):
+        p = f"decoder_blocks.{i}.layers.0."
+        y = layer_norm(x, sd, p + "0.norm.") @ sd[p + "0.fn.weight"].T
+        x = y - plain_mssa(
+            layer_norm(y, sd, p + "1.norm."),
+            sd[p + "1.fn.qkv.weight"],
+            sd[p + "1.fn.to_out.0.weight"],
+            sd[p + "1.fn.to_out.0.bias"],
+            heads,
+        )
+    x = layer_norm(x, sd, "decoder_norm.", eps=1e-6)
+    pred = (x @ sd["decoder_pred.weight"].T + sd["decoder_pred.bias"])[:, 1:]
+    target = torch.stack(
+        [
+            imgs[:, :, r * patch : (r + 1) * patch, c * patch : (c + 1) * patch].permute(0, 2, 3, 1).reshape(B, -1)
+            for r in range(g)
+            for c in range(g)
+        ],
+        1,
+    )
+    if norm_pix_loss:
+        target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
+    per_patch = ((pred - target) ** 2).mean(-1)
+    return (per_patch * mask).sum() / mask.sum(), pred, mask
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_published_parameter_counts(name):
+    with torch.device("meta"):
+        model = create_model(name)
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert (total, trainable) == PUBLISHED[name]
+
+
+def test_init_follows_the_release():
+    model = create_model("mae_crate_micro")
+    assert not model.pos_embed.requires_grad and not model.decoder_pos_embed.requires_grad
+    torch.testing.assert_close(model.decoder_pos_embed[0].double(), torch.from_numpy(numpy_sincos(32, 4)))
+    assert torch.equal(model.pos_embed, model.decoder_pos_embed)
+    assert model.norm.eps == 1e-6 and model.decoder_norm.eps == 1e-6
+    assert model.blocks[0].norm1.eps == 1e-5 and model.blocks[0].ista.lambd == 0.5
+    assert torch.all(model.decoder_pred.bias == 0) and torch.all(model.blocks[0].mssa.proj.bias == 0)
+    assert 0.01 < model.mask_token.std() < 0.03
+
+
+@pytest.mark.parametrize("norm_pix_loss,mask_ratio", [(False, 0.75), (True, 0.5), (False, 0.3)])
+def test_matches_plain_released_forward(norm_pix_loss, mask_ratio):
+    gen = torch.Generator().manual_seed(7)
+    d, depth, heads, patch, img = 32, 2, 2, 8, 32
+    sd = released_mae_state_dict(d, depth, patch, img, gen)
+    model = CrateMAE(
+        img_size=img, patch_size=patch, embed_dim=d, depth=depth, num_heads=heads, norm_pix_loss=norm_pix_loss
+    ).eval()
+    result = load_pretrained(model, {"model": {k: v.float() for k, v in sd.items()}})
+    assert result.released_layout
+    imgs = torch.rand(3, 3, img, img, generator=gen, dtype=torch.float64)
+    noise = torch.rand(3, (img // patch) ** 2, generator=gen, dtype=torch.float64)
+    loss_ref, pred_ref, mask_ref = plain_mae(sd, imgs, noise, mask_ratio, patch, heads, depth, norm_pix_loss)
+    with torch.no_grad():
+        loss32, pred32, mask32 = model(imgs.float(), mask_ratio=mask_ratio, noise=noise.float())
+        loss, pred, mask = model.double()(imgs, mask_ratio=mask_ratio, noise=noise)
+    torch.testing.assert_close(mask, mask_ref)
+    torch.testing.assert_close(pred, pred_ref, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(loss, loss_ref, atol=1e-10, rtol=1e-10)
+    assert (pred32.double() - pred_ref).abs().max() < FP32_ATOL
+    assert abs(loss32.item() - loss_ref.item()) < FP32_ATOL
+    assert int(mask.sum()) == 3 * (16 - int(16 * (1 - mask_ratio)))
+
+
+def test_mask_ratio_zero_is_a_plain_autoencoder():
+    model = create_model("mae_crate_micro").eval()
+    imgs = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        loss, pred, mask = model(imgs, mask_ratio=0.0)
+    assert mask.sum() == 0 and torch.isfinite(loss)
+    target = model.patchify(imgs)
+    torch.testing.assert_close(loss, ((pred - target) ** 2).mean())
+    with pytest.raises(ValueError, match="mask_ratio"):
+        model(imgs, mask_ratio=1.0)
+
+
+def test_patchify_round_trip_and_layout():
+    model = create_model("mae_crate_micro")
+    imgs = torch.rand(2, 3, 32, 32)
+    patches = model.patchify(imgs)
+    assert patches.shape == (2, 16, 8 * 8 * 3)
+    # patch (row 1, column 2), pixel (3, 5), channel fastest
+    assert torch.equal(patches[0, 1 * 4 + 2, (3 * 8 + 5) * 3 : (3 * 8 + 5) * 3 + 3], imgs[0, :, 8 + 3, 16 + 5])
+    assert torch.equal(model.unpatchify(patches), imgs)
+
+
+def test_released_round_trip_and_wrong_family_error():
+    gen = torch.Generator().manual_seed(3)
+    sd = {k: v.float() for k, v in released_mae_state_dict(32, 2, 8, 32, gen).items()}
+    model = create_model("mae_crate_micro")
+    load_pretrained(model, sd)
+    back = to_released_state_dict(model)
+    assert back.keys() == sd.keys()
+    assert all(torch.equal(back[k], sd[k]) for k in sd)
+    from crate_lit.models import CheckpointMismatchError
+
+    with pytest.raises(CheckpointMismatchError, match="CRATE-MAE checkpoint of width 32, depth 2"):
+        load_pretrained(create_model("crate_micro"), sd)
+
+
+def test_other_image_size_recomputes_tables():
+    gen = torch.Generator().manual_seed(4)
+    sd = {k: v.float() for k, v in released_mae_state_dict(32, 2, 8, 32, gen).items()}
+    model = create_model("mae_crate_micro", img_size=48)
+    result = load_pretrained(model, sd)
+    assert set(result.resampled) == {"pos_embed", "decoder_pos_embed"}
+    torch.testing.assert_close(model.decoder_pos_embed[0].double(), torch.from_numpy(numpy_sincos(32, 6)))
+
+
+def test_trace_exposes_encoder_layers():
+    model = create_model("mae_crate_micro").eval()
+    with torch.no_grad():
+        trace = model.trace(torch.rand(2, 3, 32, 32))
+    assert len(trace.layers) == 2
+    assert trace.layers[0].attention.shape == (2, 2, 17, 17)
+    assert trace.output.shape == (2, 16, 192)
+    assert all(layer.sparse.min() >= 0 for layer in trace.layers)

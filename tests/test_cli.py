@@ -26,6 +26,7 @@ QUICK = [
     "data.batch_size=16",
     "trainer.max_epochs=2",
     "trainer.enable_progress_bar=false",
+    "trainer.log_every_n_steps=1",
 ]
 
 

@@ -82,7 +82,9 @@ def plain_mae(sd, imgs, noise, mask_ratio, patch, heads, depth, norm_pix_loss=Fa
     add the decoder table, CRATE encoder (lambda 0.5), transposed decoder, masked MSE."""
     B, C, H, W = imgs.shape
     g = H // patch
-    x = torch.nn.functional.conv2d(imgs, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=patch)
+    x = torch.nn.functional.conv2d(
+        imgs, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=patch
+    )
     x = x.flatten(2).transpose(1, 2)
     L, D = x.shape[1], x.shape[2]
     len_keep = int(L * (1 - mask_ratio))
@@ -120,7 +122,9 @@ def plain_mae(sd, imgs, noise, mask_ratio, patch, heads, depth, norm_pix_loss=Fa
     pred = (x @ sd["decoder_pred.weight"].T + sd["decoder_pred.bias"])[:, 1:]
     target = torch.stack(
         [
-            imgs[:, :, r * patch : (r + 1) * patch, c * patch : (c + 1) * patch].permute(0, 2, 3, 1).reshape(B, -1)
+            imgs[:, :, r * patch : (r + 1) * patch, c * patch : (c + 1) * patch]
+            .permute(0, 2, 3, 1)
+            .reshape(B, -1)
             for r in range(g)
             for c in range(g)
         ],
@@ -146,6 +150,9 @@ def test_init_follows_the_release():
     assert not model.pos_embed.requires_grad and not model.decoder_pos_embed.requires_grad
     torch.testing.assert_close(model.decoder_pos_embed[0].double(), torch.from_numpy(numpy_sincos(32, 4)))
     assert torch.equal(model.pos_embed, model.decoder_pos_embed)
+    torch.testing.assert_close(
+        sincos_pos_embed_2d(64, (7, 7))[0].double(), torch.from_numpy(numpy_sincos(64, 7))
+    )
     assert model.norm.eps == 1e-6 and model.decoder_norm.eps == 1e-6
     assert model.blocks[0].norm1.eps == 1e-5 and model.blocks[0].ista.lambd == 0.5
     assert torch.all(model.decoder_pred.bias == 0) and torch.all(model.blocks[0].mssa.proj.bias == 0)
@@ -194,7 +201,9 @@ def test_patchify_round_trip_and_layout():
     patches = model.patchify(imgs)
     assert patches.shape == (2, 16, 8 * 8 * 3)
     # patch (row 1, column 2), pixel (3, 5), channel fastest
-    assert torch.equal(patches[0, 1 * 4 + 2, (3 * 8 + 5) * 3 : (3 * 8 + 5) * 3 + 3], imgs[0, :, 8 + 3, 16 + 5])
+    assert torch.equal(
+        patches[0, 1 * 4 + 2, (3 * 8 + 5) * 3 : (3 * 8 + 5) * 3 + 3], imgs[0, :, 8 + 3, 16 + 5]
+    )
     assert torch.equal(model.unpatchify(patches), imgs)
 
 

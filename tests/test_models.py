@@ -290,3 +290,15 @@ def test_benchmark_plain_reference_is_the_same_function():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(plain(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_torch_compile_matches_eager_and_trains():
+    model = create_model("crate_micro")
+    compiled = torch.compile(model)
+    x = torch.randn(4, 3, 32, 32)
+    torch.testing.assert_close(compiled(x), model(x), atol=1e-4, rtol=1e-4)
+    loss = F.cross_entropy(compiled(x), torch.tensor([0, 1, 2, 3]))
+    loss.backward()
+    assert model.blocks[0].ista.dictionary.grad is not None
+    assert torch.isfinite(model.blocks[0].ista.dictionary.grad).all()

@@ -82,6 +82,50 @@ class CrateClassifier(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
+class CrateMAEPretrainer(L.LightningModule):
+    """CRATE-MAE pre-training with the MAE recipe: AdamW, no weight decay on 1-D parameters,
+    ``lr = base_lr * global_batch / 256``, per-step warm-up then half-cosine."""
+
+    def __init__(
+        self,
+        model: Dict[str, Any],
+        optimizer: Dict[str, Any],
+        scheduler: Dict[str, Any],
+        mask_ratio: float = 0.75,
+        global_batch_size: int = 256,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = build_model(model)
+        # the released model keeps an unused Linear; frozen so DDP finds no unused gradients
+        self.model.decoder_embed.requires_grad_(False)
+
+    def forward(self, images: torch.Tensor) -> Any:
+        return self.model(images, mask_ratio=self.hparams.mask_ratio)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss, _, _ = self(batch[0])
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        loss, _, _ = self(batch[0])
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+
+    def configure_optimizers(self) -> Dict[str, Any]:
+        args = dict(self.hparams.optimizer)
+        base_lr = args.pop("lr")
+        args["lr"] = base_lr * self.hparams.global_batch_size / 256
+        optimizer = build_optimizer(self.model, args)
+        scheduler = build_scheduler(
+            optimizer,
+            self.hparams.scheduler,
+            total_steps=int(self.trainer.estimated_stepping_batches),
+            max_epochs=max(1, self.trainer.max_epochs or 1),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
 def to_container(cfg: Optional[Any]) -> Dict[str, Any]:
     """An OmegaConf node (or mapping) as a plain dict with interpolations resolved."""
     from omegaconf import OmegaConf

@@ -22,6 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .data import DATAMODULES
 from .modules import CrateClassifier, to_container
+from .optim import OPTIMIZERS, SCHEDULES
 
 log = logging.getLogger("crate_lit.train")
 
@@ -76,6 +77,12 @@ def validate(cfg: DictConfig) -> None:
     lr = OmegaConf.select(cfg, "optimizer.lr")
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr <= 0:
         raise ConfigError(f"optimizer.lr must be a positive number, got {lr!r}")
+    for group, names in (("optimizer", OPTIMIZERS), ("scheduler", SCHEDULES)):
+        if OmegaConf.select(cfg, f"{group}.name") not in names:
+            raise ConfigError(
+                f"unknown {group}.name {OmegaConf.select(cfg, f'{group}.name')!r}; "
+                f"choose one of {', '.join(names)}"
+            )
     if cfg.data.name not in DATAMODULES:
         raise ConfigError(f"unknown data.name {cfg.data.name!r}; choose one of {', '.join(DATAMODULES)}")
     patch = OmegaConf.select(cfg, "model.patch_size")
@@ -151,7 +158,8 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
         raise ConfigError(_first_line(err)) from None
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    checkpoint = trainer.checkpoint_callback
+    checkpoint = trainer.checkpoint_callback  # the first one: the best by its monitor
+    last = [c.best_model_path for c in trainer.checkpoint_callbacks if getattr(c, "monitor", 1) is None]
     if cfg.get("validate_best") and checkpoint is not None and checkpoint.best_model_path:
         trainer.validate(module, datamodule=datamodule, ckpt_path=checkpoint.best_model_path)
 
@@ -168,7 +176,7 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
         "wall_time_s": round(time.time() - started, 2),
         "checkpoints": {
             "best": getattr(checkpoint, "best_model_path", "") or None,
-            "last": getattr(checkpoint, "last_model_path", "") or None,
+            "last": (last[0] if last else getattr(checkpoint, "last_model_path", "")) or None,
         },
         "metrics_file": _metrics_file(loggers),
         "config": str(output_dir / ".hydra" / "config.yaml"),

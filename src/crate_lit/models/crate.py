@@ -419,7 +419,7 @@ CRATE_CONFIGS: Dict[str, Dict[str, Any]] = {
     "crate_base_patch8": dict(embed_dim=768, depth=12, num_heads=6, patch_size=8),
     "crate_large_patch8": dict(embed_dim=1024, depth=24, num_heads=16, patch_size=8),
     # CPU-sized: 32 px images, for the demo (mini) and the tests (micro)
-    "crate_mini": dict(embed_dim=128, depth=6, num_heads=4, img_size=32, patch_size=4, num_classes=10),
+    "crate_mini": dict(embed_dim=192, depth=4, num_heads=6, img_size=32, patch_size=8, num_classes=10),
     "crate_micro": dict(embed_dim=32, depth=2, num_heads=2, img_size=32, patch_size=8, num_classes=10),
 }
 

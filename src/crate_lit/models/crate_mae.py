@@ -283,6 +283,6 @@ CRATE_MAE_CONFIGS: Dict[str, Dict[str, Any]] = {
     "mae_crate_small": dict(embed_dim=576, depth=12, num_heads=12),
     "mae_crate_base": dict(embed_dim=768, depth=12, num_heads=12),
     "mae_crate_large": dict(embed_dim=1024, depth=24, num_heads=16),
-    "mae_crate_mini": dict(embed_dim=128, depth=6, num_heads=4, img_size=32, patch_size=4),
+    "mae_crate_mini": dict(embed_dim=192, depth=4, num_heads=6, img_size=32, patch_size=8),
     "mae_crate_micro": dict(embed_dim=32, depth=2, num_heads=2, img_size=32, patch_size=8),
 }

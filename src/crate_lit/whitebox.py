@@ -1,0 +1,360 @@
+"""White-box measurements of CRATE: coding rate, sparsity, attention masks, PCA maps, figures.
+
+Everything here works on a :class:`~crate_lit.models.crate.WhiteboxTrace` (from
+``Crate.trace`` / ``CrateMAE.trace``) or on plain tensors; no Lightning involved.
+Definitions follow section 3 of the reference spec ("White-box measurements"):
+
+* coding rate ``R^c = 1/2 sum_heads logdet(I_N + p/(N eps) W W^T)`` of the unit-normalised
+  MSSA projections ``U LN(Z^l)``, per image;
+* sparsity: the fraction of exactly-zero entries of the ISTA output ``Z^{l+1}``;
+* DINO-style masks of the class token's attention, PCA maps of patch features.
+
+Figure helpers import matplotlib lazily and always render with the Agg backend.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "coding_rate",
+    "sparsity",
+    "normalized_l0",
+    "layerwise_stats",
+    "cls_attention_maps",
+    "dino_masks",
+    "upsample_masks",
+    "iou",
+    "centre_box_mask",
+    "segmentation_scores",
+    "pca_feature_maps",
+    "pca_masks",
+    "plot_layerwise",
+    "plot_attention_grid",
+    "plot_reconstructions",
+    "plot_pca_maps",
+]
+
+PathLike = Union[str, Path]
+
+
+def _out_dtype(t: Tensor) -> torch.dtype:
+    return t.dtype if t.is_floating_point() else torch.get_default_dtype()
+
+
+# -- coding rate and sparsity ---------------------------------------------------------------
+def coding_rate(w: Tensor, eps: float = 0.01) -> Tensor:
+    """Compression term per image: (B, heads, N, p) -> (B,).
+
+    Every token vector of every head is scaled to unit length, then
+    ``R^c = 1/2 * sum_heads logdet(I_N + (p / (N * eps)) W W^T)``. The logdet is taken,
+    in float64 through a Cholesky factor, of the smaller Gram matrix: ``W^T W`` (p x p)
+    when p < N (Sylvester: same determinant), else ``W W^T`` (N x N).
+    """
+    if w.dim() != 4:
+        raise ValueError(f"coding_rate expects (B, heads, N, p), got shape {tuple(w.shape)}")
+    _, _, n, p = w.shape
+    x = F.normalize(w.detach().to(torch.float64), dim=-1)
+    alpha = p / (n * eps)
+    gram = x.transpose(-2, -1) @ x if p < n else x @ x.transpose(-2, -1)
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    chol = torch.linalg.cholesky(eye + alpha * gram)
+    logdet = 2.0 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)  # (B, heads)
+    return (0.5 * logdet.sum(-1)).to(_out_dtype(w))
+
+
+def sparsity(z: Tensor) -> Tensor:
+    """Fraction of exactly-zero entries per image: (B, N, d) -> (B,)."""
+    return (z.detach() == 0).reshape(z.shape[0], -1).to(_out_dtype(z)).mean(-1)
+
+
+def normalized_l0(z: Tensor) -> Tensor:
+    """Normalised ``||Z||_0``: fraction of non-zero entries per image, ``1 - sparsity(z)``."""
+    return 1.0 - sparsity(z)
+
+
+def _mean_std(values: Tensor) -> Tuple[float, float]:
+    v = values.to(torch.float64)
+    return float(v.mean()), float(v.std(correction=0))
+
+
+def layerwise_stats(trace: Any, eps: float = 0.01) -> List[Dict[str, float]]:
+    """Per layer of a ``WhiteboxTrace``: mean/std over images of R^c (from ``subspace``) and
+    of sparsity (from ``sparse``), plus the normalised l0 mean.
+
+    Keys: ``layer`` (1-based), ``coding_rate_mean``, ``coding_rate_std``, ``sparsity_mean``,
+    ``sparsity_std``, ``l0_mean`` (= 1 - ``sparsity_mean``). Stds are population stds
+    (finite for a single image). All values are Python floats (``layer`` an int).
+    """
+    stats: List[Dict[str, float]] = []
+    for index, layer in enumerate(trace.layers, start=1):
+        rc_mean, rc_std = _mean_std(coding_rate(layer.subspace, eps))
+        sp_mean, sp_std = _mean_std(sparsity(layer.sparse))
+        stats.append(
+            dict(
+                layer=index,
+                coding_rate_mean=rc_mean,
+                coding_rate_std=rc_std,
+                sparsity_mean=sp_mean,
+                sparsity_std=sp_std,
+                l0_mean=1.0 - sp_mean,
+            )
+        )
+    return stats
+
+
+# -- attention maps and masks ---------------------------------------------------------------
+def cls_attention_maps(attention: Tensor, grid_size: Tuple[int, int]) -> Tensor:
+    """Class-token row over the patch tokens: (B, heads, N, N) -> (B, heads, gh, gw).
+
+    Takes row 0 (the class token as query) and columns 1: (the patches, class token dropped);
+    the values are not renormalised.
+    """
+    gh, gw = int(grid_size[0]), int(grid_size[1])
+    b, h, n, _ = attention.shape
+    if n - 1 != gh * gw:
+        raise ValueError(f"attention has {n - 1} patch tokens, grid {gh}x{gw} needs {gh * gw}")
+    return attention[:, :, 0, 1:].reshape(b, h, gh, gw)
+
+
+def dino_masks(maps: Tensor, keep: float = 0.6) -> Tensor:
+    """DINO-style masks: per image and head, the top patches holding a share ``keep`` of the mass.
+
+    Rule (the one of DINO's ``visualize_attention.py``): normalise each head's map to sum 1,
+    sort descending; a patch is kept iff the mass of the patches ranked strictly above it is
+    < ``keep``. That is the smallest top set whose mass reaches ``keep``; the top patch is
+    always kept. E.g. mass [0.5, 0.3, 0.1, 0.1], keep 0.6 -> the top two (0.5 < 0.6, 0.8 >= 0.6).
+    Ties are ranked by position (stable sort); "reaches" allows 16 ulps of the input dtype.
+    (..., gh, gw) -> bool of the same shape.
+    """
+    shape = maps.shape
+    flat = maps.detach().reshape(*shape[:-2], -1).to(torch.float64)
+    mass = flat / flat.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    values, order = torch.sort(mass, dim=-1, descending=True, stable=True)
+    above = torch.cumsum(values, dim=-1) - values  # mass strictly above each ranked patch
+    tol = 16 * torch.finfo(maps.dtype if maps.is_floating_point() else torch.float32).eps
+    kept_sorted = above < keep - tol  # a share equal to keep up to the input's rounding counts as reached
+    kept_sorted[..., 0] = True
+    kept = torch.zeros_like(kept_sorted).scatter(-1, order, kept_sorted)
+    return kept.reshape(shape)
+
+
+def upsample_masks(masks: Tensor, image_size: Tuple[int, int]) -> Tensor:
+    """Nearest upsampling of bool masks (..., gh, gw) -> (..., H, W)."""
+    lead = masks.shape[:-2]
+    flat = masks.reshape(-1, 1, *masks.shape[-2:]).to(torch.float32)
+    up = F.interpolate(flat, size=(int(image_size[0]), int(image_size[1])), mode="nearest")
+    return up.reshape(*lead, *up.shape[-2:]) > 0.5
+
+
+def iou(pred: Tensor, target: Tensor) -> Tensor:
+    """Intersection over union of bool masks (..., H, W) -> (...,); two empty masks score 1."""
+    pred, target = pred.bool(), target.bool()
+    inter = (pred & target).sum((-2, -1)).to(torch.float64)
+    union = (pred | target).sum((-2, -1)).to(torch.float64)
+    out = torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
+    return out.to(torch.get_default_dtype())
+
+
+def centre_box_mask(image_size: Tuple[int, int], device: Optional[torch.device] = None) -> Tensor:
+    """Centre-box baseline: rows ``[H//4, H//4 + H//2)`` and columns ``[W//4, W//4 + W//2)``.
+
+    The middle half of each side, i.e. 25% of the area when H and W are multiples of 4.
+    """
+    h, w = int(image_size[0]), int(image_size[1])
+    box = torch.zeros(h, w, dtype=torch.bool, device=device)
+    box[h // 4 : h // 4 + h // 2, w // 4 : w // 4 + w // 2] = True
+    return box
+
+
+def segmentation_scores(maps: Tensor, gt_masks: Tensor, keep: float = 0.6) -> Dict[str, Any]:
+    """Score CLS attention maps (B, heads, gh, gw) against ground-truth masks (B, H, W).
+
+    Each head's map is thresholded with :func:`dino_masks` and upsampled (nearest) to H x W.
+    Returns plain floats/lists: ``per_head_iou`` (mean IoU over the batch, per head),
+    ``best_head`` (index of the head with the highest mean IoU) and ``best_head_iou``,
+    ``union_iou`` (mean IoU of the union of all heads' masks), and the baselines
+    ``all_foreground_iou`` (every pixel foreground) and ``centre_box_iou``
+    (see :func:`centre_box_mask`).
+    """
+    gt = gt_masks.bool()
+    size = (gt.shape[-2], gt.shape[-1])
+    pred = upsample_masks(dino_masks(maps, keep), size)  # (B, heads, H, W)
+    per_head = iou(pred, gt.unsqueeze(1)).mean(0)  # (heads,)
+    best = int(torch.argmax(per_head))
+    union = iou(pred.any(dim=1), gt).mean()
+    full = iou(torch.ones_like(gt), gt).mean()
+    box = iou(centre_box_mask(size, gt.device).expand_as(gt), gt).mean()
+    return dict(
+        per_head_iou=[float(v) for v in per_head],
+        best_head=best,
+        best_head_iou=float(per_head[best]),
+        union_iou=float(union),
+        all_foreground_iou=float(full),
+        centre_box_iou=float(box),
+    )
+
+
+# -- PCA maps -------------------------------------------------------------------------------
+def pca_feature_maps(features: Tensor, grid_size: Tuple[int, int], n_components: int = 3) -> Tensor:
+    """Joint PCA of patch features (B, P, d) -> maps (B, n_components, gh, gw) in [0, 1].
+
+    Centres all B*P tokens together, projects on the top right-singular vectors, and min-max
+    scales each component over the whole batch (a constant component maps to 0). Sign
+    convention: each principal direction is flipped so that its largest-magnitude loading is
+    positive (as scikit-learn's ``svd_flip`` on V), which makes the output deterministic.
+    """
+    b, p, d = features.shape
+    gh, gw = int(grid_size[0]), int(grid_size[1])
+    if p != gh * gw:
+        raise ValueError(f"{p} patch tokens do not fill a {gh}x{gw} grid")
+    if not 1 <= n_components <= min(b * p, d):
+        raise ValueError(f"n_components must be in [1, {min(b * p, d)}], got {n_components}")
+    x = features.detach().reshape(b * p, d).to(torch.float64)
+    x = x - x.mean(0, keepdim=True)
+    _, _, vh = torch.linalg.svd(x, full_matrices=False)
+    comps = vh[:n_components]  # (k, d)
+    pivot = comps.abs().argmax(dim=1, keepdim=True)
+    comps = comps * torch.sign(comps.gather(1, pivot))
+    proj = x @ comps.T  # (B*P, k)
+    low, high = proj.min(0).values, proj.max(0).values
+    span = high - low
+    scaled = torch.where(span > 0, (proj - low) / torch.where(span > 0, span, 1.0), torch.zeros_like(proj))
+    maps = scaled.reshape(b, gh, gw, n_components).permute(0, 3, 1, 2).contiguous()
+    return maps.to(_out_dtype(features))
+
+
+def pca_masks(pca_maps: Tensor, threshold: float = 0.5) -> Tensor:
+    """Foreground masks from PCA maps (B, k, gh, gw): first component > threshold -> (B, gh, gw)."""
+    return pca_maps[:, 0] > threshold
+
+
+# -- figures --------------------------------------------------------------------------------
+def _figure(rows: int, cols: int, panel: float = 1.6, **kwargs: Any):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(cols * panel, rows * panel), **kwargs)
+    axes = np.asarray(fig.subplots(rows, cols, squeeze=False))
+    return fig, axes
+
+
+def _save(fig: Any, path: PathLike, dpi: int = 100) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, format="png")
+    return path
+
+
+def _to_hwc(image: Tensor) -> np.ndarray:
+    """(C, H, W) float -> (H, W, C) or (H, W) numpy in [0, 1]."""
+    arr = image.detach().to(torch.float32).clamp(0, 1).cpu()
+    if arr.dim() == 3 and arr.shape[0] == 1:
+        arr = arr[0]
+    return arr.permute(1, 2, 0).numpy() if arr.dim() == 3 else arr.numpy()
+
+
+def _imshow(ax: Any, data: Any, title: Optional[str] = None, **kwargs: Any) -> None:
+    if getattr(data, "ndim", 3) == 2:
+        kwargs.setdefault("cmap", "gray")
+    ax.imshow(data, interpolation="nearest", **kwargs)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=7)
+
+
+def plot_layerwise(stats: Sequence[Dict[str, float]], path: PathLike) -> Path:
+    """Layer-wise coding rate R^c (mean +- std band) and normalised ||Z||_0, side by side."""
+    fig, axes = _figure(1, 2, panel=3.2, layout="constrained")
+    layers = np.array([s.get("layer", i + 1) for i, s in enumerate(stats)], dtype=float)
+    curves = [
+        ("coding_rate_mean", "coding_rate_std", "Compression: $R^c(Z^{\\ell})$", "coding rate", "tab:blue"),
+        ("l0_mean", "sparsity_std", "Sparsity: normalised $\\|Z^{\\ell}\\|_0$", "1 - sparsity", "tab:red"),
+    ]
+    for ax, (mean_key, std_key, title, ylabel, color) in zip(axes[0], curves, strict=True):
+        mean = np.array([s[mean_key] for s in stats], dtype=float)
+        std = np.array([s.get(std_key, 0.0) for s in stats], dtype=float)
+        ax.plot(layers, mean, marker="o", color=color)
+        ax.fill_between(layers, mean - std, mean + std, color=color, alpha=0.25)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("layer index $\\ell$")
+        ax.set_ylabel(ylabel)
+        ax.set_xticks(layers)
+        ax.grid(alpha=0.3)
+    fig.suptitle("Layer-wise compression and sparsity of CRATE", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_attention_grid(images: Tensor, maps: Tensor, masks: Optional[Tensor], path: PathLike) -> Path:
+    """Rows: images; columns: the image, then each head's CLS attention map (nearest-upsampled
+    heatmap). With ``masks`` (B, heads, gh, gw) bool, each image gets a second row with every
+    head's mask overlaid on the image."""
+    b, heads = maps.shape[:2]
+    size = (images.shape[-2], images.shape[-1])
+    up = F.interpolate(maps.detach().to(torch.float32).cpu(), size=size, mode="nearest")
+    up_masks = upsample_masks(masks.cpu(), size) if masks is not None else None
+    per_image = 2 if up_masks is not None else 1
+    fig, axes = _figure(b * per_image, heads + 1)
+    for i in range(b):
+        image = _to_hwc(images[i])
+        row = i * per_image
+        _imshow(axes[row, 0], image, "image" if i == 0 else None)
+        for h in range(heads):
+            _imshow(axes[row, h + 1], up[i, h].numpy(), f"head {h}" if i == 0 else None, cmap="inferno")
+        if up_masks is not None:
+            axes[row + 1, 0].axis("off")
+            for h in range(heads):
+                ax = axes[row + 1, h + 1]
+                _imshow(ax, image)
+                overlay = np.ma.masked_where(~up_masks[i, h].numpy(), np.ones(size))
+                ax.imshow(overlay, cmap="autumn", alpha=0.5, vmin=0, vmax=1, interpolation="nearest")
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.95, wspace=0.05, hspace=0.1)
+    return _save(fig, path)
+
+
+def plot_reconstructions(originals: Tensor, masked: Tensor, reconstructions: Tensor, path: PathLike) -> Path:
+    """Rows: images; columns: original, masked input, reconstruction (all clamped to [0, 1])."""
+    b = originals.shape[0]
+    fig, axes = _figure(b, 3)
+    titles = ("original", "masked", "reconstruction")
+    for i in range(b):
+        for j, batch in enumerate((originals, masked, reconstructions)):
+            image = _to_hwc(batch[i])
+            _imshow(axes[i, j], image, titles[j] if i == 0 else None)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.93, wspace=0.05, hspace=0.05)
+    return _save(fig, path)
+
+
+def plot_pca_maps(images: Tensor, pca_maps: Tensor, path: PathLike) -> Path:
+    """Rows: images; columns: the image, the first three PCA components as RGB (when there are
+    at least three), each component, and the mask ``component 1 > 0.5``."""
+    b, k = pca_maps.shape[:2]
+    size = (images.shape[-2], images.shape[-1])
+    up = F.interpolate(pca_maps.detach().to(torch.float32).cpu(), size=size, mode="nearest")
+    rgb = k >= 3
+    fig, axes = _figure(b, 1 + int(rgb) + k + 1)
+    for i in range(b):
+        first = i == 0
+        image = _to_hwc(images[i])
+        _imshow(axes[i, 0], image, "image" if first else None)
+        col = 1
+        if rgb:
+            composite = up[i, :3].permute(1, 2, 0).clamp(0, 1).numpy()
+            _imshow(axes[i, col], composite, "PCA 1-3" if first else None)
+            col += 1
+        for c in range(k):
+            title = f"PC {c + 1}" if first else None
+            _imshow(axes[i, col], up[i, c].numpy(), title, cmap="viridis", vmin=0, vmax=1)
+            col += 1
+        _imshow(axes[i, col], (up[i, 0] > 0.5).float().numpy(), "PC 1 > 0.5" if first else None, cmap="gray")
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.93, wspace=0.05, hspace=0.05)
+    return _save(fig, path)

@@ -1,0 +1,314 @@
+"""Tests for the on-disk datasets: ImageNet-style class folders and CIFAR python batches.
+
+Every file is written here, in its real format, into a temporary folder; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from crate_lit.data.folders import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    CIFARDataModule,
+    ImageNetDataModule,
+    imagenet_eval_transform,
+    mae_train_transform,
+)
+
+WNIDS = ["n01440764", "n01443537", "n01484850"]  # sorted: labels 0, 1, 2
+COLORS = [(230, 20, 20), (20, 230, 20), (20, 20, 230)]  # one solid colour per class in val
+LOADER = {"num_workers": 0, "pin_memory": False, "persistent_workers": False}
+
+
+def _unnormalize(x: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return x * std + mean
+
+
+def _noise(size: tuple[int, int], seed: int) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(pixels, "RGB")
+
+
+@pytest.fixture
+def imagenet_root(tmp_path: Path) -> Path:
+    """3 classes in train and val; odd sizes, JPEG/PNG, a grayscale and a CMYK JPEG, a stray text file."""
+    root = tmp_path / "imagenet"
+    train = [root / "train" / w for w in WNIDS]
+    val = [root / "val" / w for w in WNIDS]
+    for d in train + val:
+        d.mkdir(parents=True)
+    _noise((37, 53), 0).save(train[0] / "a.JPEG")
+    _noise((300, 20), 1).save(train[0] / "b.png")
+    Image.new("L", (40, 41), 128).save(train[1] / "gray.jpg")
+    Image.new("CMYK", (45, 33), (0, 255, 255, 0)).save(train[1] / "cmyk.jpeg")
+    _noise((64, 64), 2).save(train[2] / "c.PNG")
+    _noise((20, 90), 3).save(train[2] / "d.jpg")
+    (train[2] / "notes.txt").write_text("not an image")
+    for i, (d, color) in enumerate(zip(val, COLORS, strict=True)):
+        Image.new("RGB", (50 + i, 47), color).save(d / f"v{i}.JPEG", quality=95)
+        Image.new("RGB", (33, 70), color).save(d / f"w{i}.png")
+    return root
+
+
+def _add_truncated(root: Path) -> Path:
+    path = root / "train" / WNIDS[2] / "truncated.jpg"
+    _noise((64, 48), 4).save(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def _imagenet(root: Path, **kwargs) -> ImageNetDataModule:
+    args = {"image_size": 32, "eval_resize": 36, "num_classes": 3, "batch_size": 4} | LOADER | kwargs
+    dm = ImageNetDataModule(str(root), **args)
+    dm.setup("fit")
+    return dm
+
+
+def test_imagenet_eval_batches_and_labels(imagenet_root: Path) -> None:
+    dm = _imagenet(imagenet_root)
+    assert dm.classes == WNIDS
+    assert len(dm.val_set) == 6
+    seen = 0
+    for x, y in dm.val_dataloader():
+        assert x.dtype == torch.float32 and x.shape[1:] == (3, 32, 32)
+        assert y.dtype == torch.int64
+        for image, label in zip(x, y, strict=True):
+            # each class folder holds one solid colour: the label must name the folder it came from
+            color = _unnormalize(image).mean(dim=(1, 2))
+            expected = torch.tensor(COLORS[int(label)], dtype=torch.float32) / 255
+            assert torch.allclose(color, expected, atol=0.03), (int(label), color)
+            seen += 1
+    assert seen == 6
+    # labels follow the sorted wnid order, also in train
+    for i in range(len(dm.train_set)):
+        assert WNIDS[int(dm.train_set.labels[i])] == Path(dm.train_set.path(i)).parent.name
+
+
+def test_imagenet_train_batches(imagenet_root: Path) -> None:
+    dm = _imagenet(imagenet_root)
+    # the extension filter is case-insensitive and ignores other files
+    names = sorted(Path(dm.train_set.path(i)).name for i in range(len(dm.train_set)))
+    assert names == ["a.JPEG", "b.png", "c.PNG", "cmyk.jpeg", "d.jpg", "gray.jpg"]
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 1  # 6 images, batch 4, last partial batch dropped
+    x, y = batches[0]
+    assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32
+    assert y.dtype == torch.int64 and set(y.tolist()) <= {0, 1, 2}
+    assert torch.isfinite(x).all()
+
+
+def test_mae_recipe_and_eval_resize_default(imagenet_root: Path) -> None:
+    dm = _imagenet(imagenet_root, train_transform="mae")
+    x, _ = dm.train_set[0]
+    assert x.shape == (3, 32, 32)
+    assert mae_train_transform(32).transforms[0].scale == (0.2, 1.0)
+    assert imagenet_eval_transform(224).transforms[0].size == [256]
+    assert imagenet_eval_transform(32, 36).transforms[0].size == [36]
+    with pytest.raises(ValueError, match="train_transform"):
+        ImageNetDataModule(str(imagenet_root), num_classes=3, train_transform="simclr")
+
+
+def test_grayscale_and_cmyk_become_rgb(imagenet_root: Path) -> None:
+    dm = _imagenet(imagenet_root)
+    index = {Path(dm.train_set.path(i)).name: i for i in range(len(dm.train_set))}
+    gray = dm.train_set.load(index["gray.jpg"])
+    cmyk = dm.train_set.load(index["cmyk.jpeg"])
+    assert gray.mode == cmyk.mode == "RGB"
+    assert np.abs(np.asarray(gray).astype(int) - 128).max() <= 2
+    # cyan 0, magenta 255, yellow 255, black 0 is red
+    assert np.abs(np.asarray(cmyk).astype(int) - [255, 0, 0]).max() <= 10
+    for name in ("gray.jpg", "cmyk.jpeg"):
+        x, _ = dm.train_set[index[name]]
+        assert x.shape == (3, 32, 32)
+
+
+def test_truncated_image_error_names_the_file(imagenet_root: Path) -> None:
+    bad = _add_truncated(imagenet_root)
+    dm = _imagenet(imagenet_root, batch_size=1)  # nothing dropped: the bad file is always reached
+    with pytest.raises(RuntimeError, match=bad.name) as info:
+        for _ in dm.train_dataloader():
+            pass
+    assert "skip_corrupt" in str(info.value)
+
+
+def test_skip_corrupt_passes_and_counts(imagenet_root: Path, caplog: pytest.LogCaptureFixture) -> None:
+    bad = _add_truncated(imagenet_root)
+    dm = _imagenet(imagenet_root, skip_corrupt=True, batch_size=1)
+    assert len(dm.train_set) == 7
+    with caplog.at_level(logging.WARNING, logger="crate_lit.data.folders"):
+        labels = [int(y) for _, y in dm.train_dataloader()]
+    assert len(labels) == 7  # the bad index is served by the next readable image
+    assert dm.skip_count == 1
+    assert dm.skipped == [str(bad)]
+    assert any(bad.name in r.getMessage() and "1 skipped" in r.getMessage() for r in caplog.records)
+
+
+def test_flat_val_folder(imagenet_root: Path) -> None:
+    for i in range(4):
+        _noise((30, 30), i).save(imagenet_root / "val" / f"ILSVRC2012_val_{i:08d}.JPEG")
+    with pytest.raises(ValueError, match="holds 4 images directly") as info:
+        ImageNetDataModule(str(imagenet_root), num_classes=3)
+    assert "class folders" in str(info.value) and "Preparing ImageNet" in str(info.value)
+
+
+def test_missing_root_and_split(tmp_path: Path, imagenet_root: Path) -> None:
+    missing = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        ImageNetDataModule(str(missing), num_classes=3)
+    for d in (imagenet_root / "val").iterdir():
+        for f in d.iterdir():
+            f.unlink()
+        d.rmdir()
+    (imagenet_root / "val").rmdir()
+    with pytest.raises(FileNotFoundError, match="val"):
+        ImageNetDataModule(str(imagenet_root), num_classes=3)
+
+
+def test_num_classes_mismatch(imagenet_root: Path) -> None:
+    with pytest.raises(ValueError, match=r"found 3 class folders.*data\.num_classes=3"):
+        ImageNetDataModule(str(imagenet_root), num_classes=1000)
+
+
+def test_val_classes_not_in_train(imagenet_root: Path) -> None:
+    (imagenet_root / "val" / "n99999999").mkdir()
+    with pytest.raises(ValueError, match="n99999999"):
+        ImageNetDataModule(str(imagenet_root), num_classes=3)
+
+
+# ---------------------------------------------------------------------------------------------
+# CIFAR
+
+PIXEL_ROW, PIXEL_Y, PIXEL_X, PIXEL_RGB = 2, 5, 11, (200, 10, 99)
+
+
+def _dump(path: Path, obj: object) -> None:
+    with open(path, "wb") as f:
+        pickle.dump(obj, f, protocol=2)  # like the original python-2 era files
+
+
+def _rows(n: int, seed: int) -> np.ndarray:
+    data = np.random.default_rng(seed).integers(0, 256, (n, 3072), dtype=np.uint8)
+    for channel, value in enumerate(PIXEL_RGB if n > PIXEL_ROW else ()):
+        data[PIXEL_ROW, channel * 1024 + PIXEL_Y * 32 + PIXEL_X] = value
+    return data
+
+
+@pytest.fixture
+def cifar10_root(tmp_path: Path) -> Path:
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    _dump(
+        folder / "data_batch_1", {"batch_label": "b1", "data": _rows(7, 0), "labels": [0, 1, 2, 3, 4, 5, 6]}
+    )
+    _dump(folder / "data_batch_2", {"batch_label": "b2", "data": _rows(3, 1), "labels": [9, 8, 7]})
+    _dump(folder / "test_batch", {"batch_label": "t", "data": _rows(5, 2), "labels": [3, 1, 4, 1, 5]})
+    _dump(folder / "batches.meta", {"label_names": [f"class{i}" for i in range(10)], "num_vis": 3072})
+    return tmp_path
+
+
+@pytest.fixture
+def cifar100_root(tmp_path: Path) -> Path:
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    _dump(
+        folder / "train", {"data": _rows(6, 3), "fine_labels": [99, 50, 0, 1, 2, 3], "coarse_labels": [0] * 6}
+    )
+    _dump(folder / "test", {"data": _rows(4, 4), "fine_labels": [10, 20, 30, 40], "coarse_labels": [1] * 4})
+    _dump(folder / "meta", {"fine_label_names": [f"f{i}" for i in range(100)], "coarse_label_names": []})
+    return tmp_path
+
+
+def _cifar(root: Path, **kwargs) -> CIFARDataModule:
+    dm = CIFARDataModule(str(root), **({"image_size": 32, "batch_size": 4} | LOADER | kwargs))
+    dm.setup("fit")
+    return dm
+
+
+def test_cifar10_channel_major_decoding(cifar10_root: Path) -> None:
+    dm = _cifar(cifar10_root)
+    assert dm.classes == [f"class{i}" for i in range(10)]
+    assert tuple(dm.train_set.images[PIXEL_ROW, :, PIXEL_Y, PIXEL_X].tolist()) == PIXEL_RGB
+    expected = torch.tensor(PIXEL_RGB, dtype=torch.float32) / 255
+    for dataset in (dm.val_set, dm.train_set):  # train: data_batch_1 comes first
+        dataset.transform = dm.eval_transform
+        x, _ = dataset[PIXEL_ROW]
+        assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+        assert torch.allclose(_unnormalize(x)[:, PIXEL_Y, PIXEL_X], expected, atol=1e-5)
+    rows = _rows(5, 2).reshape(5, 3, 32, 32)
+    assert torch.equal(dm.val_set.images, torch.from_numpy(rows))
+
+
+def test_cifar10_labels_and_loaders(cifar10_root: Path) -> None:
+    dm = _cifar(cifar10_root, image_size=64)
+    assert dm.train_set.labels.tolist() == [0, 1, 2, 3, 4, 5, 6, 9, 8, 7]
+    x, y = next(iter(dm.val_dataloader()))
+    assert y.tolist() == [3, 1, 4, 1] and y.dtype == torch.int64
+    assert x.shape == (4, 3, 64, 64) and x.dtype == torch.float32
+    batches = list(dm.train_dataloader())  # resize, random resized crop, flip, RandAugment
+    assert len(batches) == 2
+    assert all(b[0].shape == (4, 3, 64, 64) and torch.isfinite(b[0]).all() for b in batches)
+
+
+def test_cifar100_uses_fine_labels(cifar100_root: Path) -> None:
+    dm = _cifar(cifar100_root, variant="cifar100")
+    assert dm.hparams.num_classes == 100
+    assert dm.train_set.labels.tolist() == [99, 50, 0, 1, 2, 3]
+    assert dm.val_set.labels.tolist() == [10, 20, 30, 40]
+    assert len(dm.classes) == 100
+    assert tuple(dm.train_set.images[PIXEL_ROW, :, PIXEL_Y, PIXEL_X].tolist()) == PIXEL_RGB
+
+
+def test_cifar_subset_and_folder_as_root(cifar10_root: Path) -> None:
+    folder = cifar10_root / "cifar-10-batches-py"
+    (folder / "data_batch_2").unlink()
+    (folder / "batches.meta").unlink()
+    dm = _cifar(folder)  # root may also be the extracted folder itself
+    assert len(dm.train_set) == 7 and len(dm.val_set) == 5
+    assert dm.classes is None
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        (b"this is not a pickle at all", "not a CIFAR python batch"),
+        ({"data": _rows(2, 0)}, "labels"),
+        ({"data": np.zeros((2, 1024), np.uint8), "labels": [0, 1]}, "3072"),
+        ({"data": _rows(2, 0), "labels": [0, 10]}, "outside"),
+        ({"data": _rows(1, 0), "labels": [datetime.date(2020, 1, 1)]}, "unexpected object"),
+    ],
+)
+def test_cifar_malformed_file_is_named(cifar10_root: Path, content: object, match: str) -> None:
+    path = cifar10_root / "cifar-10-batches-py" / "test_batch"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        _dump(path, content)
+    dm = CIFARDataModule(str(cifar10_root), image_size=32, **LOADER)
+    with pytest.raises(ValueError, match=match) as info:
+        dm.setup("fit")
+    assert str(path) in str(info.value)
+
+
+def test_cifar_missing_without_download(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="download") as info:
+        CIFARDataModule(str(tmp_path / "data"), variant="cifar100", num_classes=100)
+    assert "cifar-100-python" in str(info.value)
+
+
+def test_cifar_argument_checks(cifar10_root: Path) -> None:
+    with pytest.raises(ValueError, match=r"num_classes=10\b"):
+        CIFARDataModule(str(cifar10_root), num_classes=100)
+    with pytest.raises(ValueError, match="variant"):
+        CIFARDataModule(str(cifar10_root), variant="svhn")

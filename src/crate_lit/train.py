@@ -53,15 +53,14 @@ def _require_int(cfg: DictConfig, key: str, minimum: int = 1) -> int:
 def per_device_batch_size(cfg: DictConfig) -> int:
     """``data.batch_size`` is global: split it over devices x nodes x gradient accumulation."""
     batch = _require_int(cfg, "data.batch_size")
-    devices = cfg.trainer.get("devices", 1)
-    devices = devices if isinstance(devices, int) and devices > 0 else 1
-    if devices == 1 and str(cfg.trainer.get("devices")) in ("auto", "-1"):
+    devices = OmegaConf.select(cfg, "trainer.devices", default=1)
+    if str(devices) in ("auto", "-1"):
         devices = max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 1
-    split = (
-        devices
-        * _require_int(cfg, "trainer.num_nodes")
-        * _require_int(cfg, "trainer.accumulate_grad_batches")
-    )
+    elif not isinstance(devices, int):  # a list of device ids
+        devices = len(devices) if OmegaConf.is_list(devices) or isinstance(devices, list) else 1
+    nodes = OmegaConf.select(cfg, "trainer.num_nodes", default=1)
+    accumulate = OmegaConf.select(cfg, "trainer.accumulate_grad_batches", default=1)
+    split = devices * nodes * accumulate
     if batch % split:
         raise ConfigError(
             f"data.batch_size={batch} (global) does not divide over {split} "

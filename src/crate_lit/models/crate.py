@@ -123,8 +123,10 @@ class SubspaceAttention(nn.Module):
 class IstaBlock(nn.Module):
     """One non-negative ISTA step: relu(x + eta * D^T (x - D x) - eta * lambda).
 
-    The released code spends three products on D^T x - D^T D x; two give the same function.
-    Row-vector convention of the released weight: ``D x`` is ``x @ D.T``.
+    Row-vector convention of the released weight: ``D x`` is ``x @ D.T``. The step is linear
+    in x before the threshold, so it is computed as ``relu(x @ M - eta * lambda)`` with
+    ``M = I + eta (D - D^T D)``: one token-sized product instead of the released three (and
+    one d x d x d product per call, cheaper as soon as there are more tokens than d).
     """
 
     def __init__(self, dim: int, step_size: float = 0.1, lambd: float = 0.1) -> None:
@@ -134,10 +136,14 @@ class IstaBlock(nn.Module):
         self.dictionary = nn.Parameter(torch.empty(dim, dim))
         nn.init.kaiming_uniform_(self.dictionary)  # bound sqrt(6 / d), as released
 
+    def step_matrix(self) -> Tensor:
+        """M = I + eta (D - D^T D)."""
+        d = self.dictionary
+        m = torch.addmm(d, d.t(), d, alpha=-1.0) * self.step_size
+        return m + torch.eye(d.shape[0], dtype=m.dtype, device=m.device)
+
     def forward(self, x: Tensor) -> Tensor:
-        residual = x - F.linear(x, self.dictionary)
-        update = torch.matmul(residual, self.dictionary)
-        return F.relu(torch.add(x, update, alpha=self.step_size) - self.step_size * self.lambd)
+        return F.relu(torch.matmul(x, self.step_matrix().to(x.dtype)) - self.step_size * self.lambd)
 
 
 @dataclass

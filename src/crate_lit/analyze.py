@@ -1,0 +1,245 @@
+"""``crate-analyze``: white-box measurements of a trained CRATE or CRATE-MAE.
+
+``crate-analyze ckpt_path=PATH data=shapes`` writes, into its own run folder, the layer-wise
+coding rate and sparsity (CSV + figure), class-token attention maps of every head with their
+DINO-style masks, for CRATE-MAE a reconstruction grid and PCA feature maps, on ``data=shapes``
+the segmentation score against the ground-truth masks, and ``report.json`` with every number.
+``task=knn`` instead measures k-NN and linear-probe accuracy on frozen features.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+import hydra
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+
+from . import whitebox
+from .models import CrateMAE, load_pretrained
+from .modules import build_model, to_container
+from .train import USER_ERRORS, ConfigError, build_datamodule, config_dir
+
+log = logging.getLogger("crate_lit.analyze")
+
+
+def load_model(cfg: DictConfig) -> torch.nn.Module:
+    """The model a checkpoint holds: crate-lit checkpoints name it in their hyper-parameters;
+    for a released file, ``model=NAME`` (e.g. ``model=crate_small``) says which to build."""
+    path = Path(str(cfg.ckpt_path)).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path={path} does not exist; point it at a .ckpt or released .pth file")
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    model_cfg = (raw.get("hyper_parameters") or {}).get("model") if isinstance(raw, dict) else None
+    if model_cfg is None:
+        if not cfg.get("model"):
+            raise ConfigError(f"{path} does not name its model; add model=NAME (e.g. model=crate_small)")
+        model_cfg = to_container(cfg.model)
+    model = build_model({**model_cfg, "pretrained": None})
+    load_pretrained(model, raw)
+    return model.eval()
+
+
+def _denormalize(images: torch.Tensor, datamodule: Any) -> torch.Tensor:
+    mean = torch.tensor(getattr(datamodule, "mean", (0.5,) * 3)).view(1, 3, 1, 1)
+    std = torch.tensor(getattr(datamodule, "std", (0.5,) * 3)).view(1, 3, 1, 1)
+    return (images * std + mean).clamp(0, 1)
+
+
+def _batches(cfg: DictConfig, datamodule: Any) -> List[Tuple[torch.Tensor, torch.Tensor, Any]]:
+    """Up to ``num_images`` validation images (with ground-truth masks on shapes)."""
+    datamodule.setup("validate")
+    dataset = datamodule.val_set
+    if hasattr(dataset, "return_mask"):
+        dataset.return_mask = True
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False)
+    batches, seen = [], 0
+    for batch in loader:
+        take = cfg.num_images - seen
+        images, labels = batch[0][:take], batch[1][:take]
+        masks = batch[2][:take] if len(batch) > 2 else None
+        batches.append((images, labels, masks))
+        seen += len(images)
+        if seen >= cfg.num_images:
+            break
+    return batches
+
+
+@torch.no_grad()
+def analyze_whitebox(cfg: DictConfig, model: torch.nn.Module, datamodule: Any, out: Path) -> Dict[str, Any]:
+    per_layer: Dict[str, List[List[torch.Tensor]]] = {"coding_rate": [], "sparsity": []}
+    maps, gt_masks, shown = [], [], None
+    is_mae = isinstance(model, CrateMAE)
+    mae_outputs = None
+    for images, _, masks in _batches(cfg, datamodule):
+        trace = model.trace(images, mask_ratio=cfg.mask_ratio) if is_mae else model.trace(images)
+        for i, layer in enumerate(trace.layers):
+            if len(per_layer["coding_rate"]) <= i:
+                per_layer["coding_rate"].append([])
+                per_layer["sparsity"].append([])
+            per_layer["coding_rate"][i].append(whitebox.coding_rate(layer.subspace))
+            per_layer["sparsity"][i].append(whitebox.sparsity(layer.sparse))
+        layer_index = cfg.layer - 1 if cfg.layer > 0 else len(trace.layers) + cfg.layer
+        grid = trace.extras["grid_size"]
+        maps.append(whitebox.cls_attention_maps(trace.layers[layer_index].attention, grid))
+        if masks is not None:
+            gt_masks.append(masks)
+        if shown is None:
+            shown = images[: cfg.num_figure_images]
+            if is_mae:
+                mae_outputs = (trace, images[: cfg.num_figure_images])
+    stats = []
+    for i, (rates, sparse) in enumerate(zip(per_layer["coding_rate"], per_layer["sparsity"], strict=True)):
+        rates, sparse = torch.cat(rates).double(), torch.cat(sparse).double()
+        stats.append(
+            {
+                "layer": i + 1,
+                "coding_rate_mean": rates.mean().item(),
+                "coding_rate_std": rates.std(correction=0).item(),
+                "sparsity_mean": sparse.mean().item(),
+                "sparsity_std": sparse.std(correction=0).item(),
+                "l0_mean": (1 - sparse).mean().item(),
+            }
+        )
+    with open(out / "layerwise.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(stats[0]))
+        writer.writeheader()
+        writer.writerows(stats)
+    whitebox.plot_layerwise(stats, out / "layerwise.png")
+    maps_all = torch.cat(maps)
+    figure_maps = maps_all[: len(shown)]
+    figure_masks = whitebox.dino_masks(figure_maps, keep=cfg.keep)
+    whitebox.plot_attention_grid(
+        _denormalize(shown, datamodule), figure_maps, figure_masks, out / "attention.png"
+    )
+    report: Dict[str, Any] = {
+        "layerwise": stats,
+        "attention_layer": layer_index + 1,
+        "num_images": int(maps_all.shape[0]),
+        "figures": {"layerwise": "layerwise.png", "attention": "attention.png"},
+    }
+    if gt_masks:
+        report["segmentation"] = whitebox.segmentation_scores(maps_all, torch.cat(gt_masks), keep=cfg.keep)
+    if mae_outputs is not None:
+        trace, images = mae_outputs
+        n = len(images)
+        recon = model.unpatchify(trace.output[:n])
+        patch_mask = trace.extras["mask"][:n]
+        patch_dim = model.patchify(images).shape[-1]
+        pixel_mask = model.unpatchify(patch_mask.unsqueeze(-1).expand(-1, -1, patch_dim))
+        masked = images * (1 - pixel_mask)
+        whitebox.plot_reconstructions(
+            _denormalize(images, datamodule),
+            _denormalize(masked, datamodule),
+            _denormalize(recon, datamodule),
+            out / "reconstructions.png",
+        )
+        features = trace.layers[-1].subspace[:n, :, 1:].transpose(1, 2).flatten(2)
+        pca = whitebox.pca_feature_maps(features, trace.extras["grid_size"])
+        whitebox.plot_pca_maps(_denormalize(images, datamodule), pca, out / "pca.png")
+        report["figures"].update({"reconstructions": "reconstructions.png", "pca": "pca.png"})
+    return report
+
+
+def _features(model: torch.nn.Module, loader: Any, limit: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    feats, labels, seen = [], [], 0
+    for batch in loader:
+        images = batch[0]
+        tokens = model.forward_features(images)
+        pooled = (
+            model.forward_head(tokens, pre_logits=True) if hasattr(model, "forward_head") else tokens[:, 0]
+        )
+        feats.append(pooled)
+        labels.append(batch[1])
+        seen += len(images)
+        if seen >= limit:
+            break
+    return torch.cat(feats)[:limit], torch.cat(labels)[:limit]
+
+
+@torch.no_grad()
+def knn_accuracy(
+    train_x: torch.Tensor, train_y: torch.Tensor, x: torch.Tensor, y: torch.Tensor, k: int
+) -> float:
+    """Cosine-similarity k-NN with votes weighted by exp(similarity / 0.07), as in DINO."""
+    train_x, x = F.normalize(train_x, dim=1), F.normalize(x, dim=1)
+    sims, idx = (x @ train_x.T).topk(min(k, len(train_x)), dim=1)
+    votes = torch.zeros(len(x), int(train_y.max()) + 1)
+    votes.scatter_add_(1, train_y[idx], (sims / 0.07).exp())
+    return (votes.argmax(1) == y).float().mean().item()
+
+
+def linear_probe_accuracy(
+    train_x: torch.Tensor, train_y: torch.Tensor, x: torch.Tensor, y: torch.Tensor, epochs: int = 100
+) -> float:
+    """A BatchNorm (no affine) + Linear probe on frozen features, full-batch Adam."""
+    torch.manual_seed(0)
+    probe = torch.nn.Sequential(
+        torch.nn.BatchNorm1d(train_x.shape[1], affine=False),
+        torch.nn.Linear(train_x.shape[1], int(train_y.max()) + 1),
+    )
+    optimizer = torch.optim.Adam(probe.parameters(), lr=1e-2)
+    for _ in range(epochs):
+        optimizer.zero_grad()
+        F.cross_entropy(probe(train_x), train_y).backward()
+        optimizer.step()
+    probe.eval()
+    with torch.no_grad():
+        return (probe(x).argmax(1) == y).float().mean().item()
+
+
+@torch.no_grad()
+def analyze_knn(cfg: DictConfig, model: torch.nn.Module, datamodule: Any) -> Dict[str, Any]:
+    datamodule.setup("fit")
+    train_x, train_y = _features(model, datamodule.train_dataloader(), cfg.num_train_images)
+    val_x, val_y = _features(model, datamodule.val_dataloader(), cfg.num_images)
+    with torch.enable_grad():
+        probe = linear_probe_accuracy(train_x, train_y, val_x, val_y)
+    return {
+        "knn": {"k": cfg.knn_k, "top1": knn_accuracy(train_x, train_y, val_x, val_y, cfg.knn_k)},
+        "linear_probe": {"top1": probe},
+        "num_train_images": len(train_x),
+        "num_images": len(val_x),
+    }
+
+
+def run(cfg: DictConfig) -> Dict[str, Any]:
+    out = Path(cfg.paths.output_dir)
+    try:
+        model = load_model(cfg)
+        datamodule = build_datamodule(cfg)
+        if cfg.task not in ("whitebox", "knn"):
+            raise ConfigError(f"unknown task {cfg.task!r}; choose whitebox or knn")
+    except USER_ERRORS as err:
+        raise ConfigError(str(err).strip().splitlines()[0]) from None
+    report = (
+        analyze_whitebox(cfg, model, datamodule, out)
+        if cfg.task == "whitebox"
+        else analyze_knn(cfg, model, datamodule)
+    )
+    report = {"task": cfg.task, "ckpt_path": str(cfg.ckpt_path), "model": type(model).__name__, **report}
+    path = out / "report.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"report:  {path}")
+    for name in report.get("figures", {}).values():
+        print(f"figure:  {out / name}")
+    return report
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="analyze")
+def main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except ConfigError as err:
+        print(f"crate-analyze: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""crate-analyze through its real command line on a freshly trained tiny model."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from crate_lit.models import create_model, to_released_state_dict
+
+BIN = Path(sys.executable).parent
+
+
+def run(tool: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(BIN / tool), *args], cwd=cwd, capture_output=True, text=True, timeout=600, env=dict(os.environ)
+    )
+
+
+def _check_report(out: Path, depth: int) -> dict:
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["layerwise"]) == depth
+    for layer in report["layerwise"]:
+        assert all(math.isfinite(v) for v in layer.values())
+        assert 0.0 <= layer["sparsity_mean"] <= 1.0 and layer["coding_rate_mean"] > 0
+    seg = report["segmentation"]
+    assert all(
+        0.0 <= seg[k] <= 1.0 for k in ("best_head_iou", "union_iou", "all_foreground_iou", "centre_box_iou")
+    )
+    for name in report["figures"].values():
+        with Image.open(out / name) as image:
+            assert image.format == "PNG" and image.size[0] > 100 and image.size[1] > 100
+    return report
+
+
+@pytest.mark.slow
+def test_analysis_of_a_trained_model_and_a_released_file(tmp_path):
+    train = run(
+        "crate-train",
+        "model=crate_micro",
+        "data.train_size=64",
+        "data.val_size=32",
+        "data.batch_size=16",
+        "trainer.max_epochs=1",
+        "trainer.enable_progress_bar=false",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+    )
+    assert train.returncode == 0, train.stderr[-2000:]
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    out = tmp_path / "analysis"
+    proc = run(
+        "crate-analyze",
+        f"ckpt_path={ckpt}",
+        "num_images=32",
+        "num_figure_images=3",
+        f"hydra.run.dir={out}",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = _check_report(out, depth=2)
+    assert report["num_images"] == 32
+    with Image.open(out / "attention.png") as image:  # 3 images x 2 rows, image + 2 heads
+        assert image.size[0] < image.size[1]
+
+    # a released-layout file (module. prefix, under state_dict) with model= named
+    released = {
+        "state_dict": {
+            "module." + k: v for k, v in to_released_state_dict(create_model("crate_micro")).items()
+        }
+    }
+    torch.save(released, tmp_path / "released.pth")
+    proc = run(
+        "crate-analyze",
+        f"ckpt_path={tmp_path / 'released.pth'}",
+        "model=crate_micro",
+        "num_images=16",
+        f"hydra.run.dir={tmp_path / 'released_analysis'}",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    _check_report(tmp_path / "released_analysis", depth=2)
+    # without model= the released file cannot name its model: one clear line
+    proc = run("crate-analyze", f"ckpt_path={tmp_path / 'released.pth'}", cwd=tmp_path)
+    assert proc.returncode == 2 and "add model=NAME" in proc.stderr and "Traceback" not in proc.stderr

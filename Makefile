@@ -41,6 +41,9 @@ test: install ## run the test suite
 test-fast: install ## the test suite without the slow end-to-end runs
 	$(BIN)/python -m pytest -q -m "not slow"
 
+bench: install ## training-step throughput of CRATE vs the plain reference and timm's ViT
+	$(BIN)/crate-bench $(ARGS)
+
 lint: install ## ruff check and format check
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests

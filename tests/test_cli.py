@@ -65,6 +65,11 @@ def test_short_run_writes_checkpoint_metrics_and_summary(tmp_path):
     # metrics: one row per logged step/epoch with the validation accuracy present
     rows = list(csv.DictReader(open(summary["metrics_file"])))
     assert any(r.get("val/acc1") for r in rows) and any(r.get("train/loss") for r in rows)
+    # the white-box monitor logged per-layer measurements and saved an attention figure
+    assert any(r.get("whitebox/coding_rate_l2") for r in rows) and any(
+        r.get("whitebox/sparsity_l1") for r in rows
+    )
+    assert len(list((run_dir / "whitebox").glob("attention-epoch*.png"))) == 2
     # the composed config is saved next to them and names the overrides
     config = (run_dir / ".hydra" / "config.yaml").read_text()
     assert Path(summary["config"]) == run_dir / ".hydra" / "config.yaml"

@@ -1,0 +1,92 @@
+"""Training callbacks that measure CRATE's white-box quantities while it trains."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+import torch
+
+from . import whitebox
+
+log = logging.getLogger(__name__)
+
+
+class WhiteboxMonitor(L.Callback):
+    """Every ``every_n_epochs`` validation epochs: the per-layer coding rate R^c and sparsity of
+    a fixed batch of validation images, logged to every active logger (``whitebox/*``), and a
+    PNG of the class-token attention of every head, saved in the run folder and sent to the
+    loggers that take images (TensorBoard, wandb). ``whitebox/seconds`` logs its own cost."""
+
+    def __init__(self, every_n_epochs: int = 1, num_images: int = 32, figure_images: int = 4) -> None:
+        if every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
+        self.every_n_epochs = every_n_epochs
+        self.num_images = num_images
+        self.figure_images = figure_images
+        self._images: Optional[torch.Tensor] = None
+
+    def _batch(self, trainer: L.Trainer) -> Optional[torch.Tensor]:
+        if self._images is None:
+            loaders = trainer.val_dataloaders
+            loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+            if loader is None:
+                return None
+            images = []
+            for batch in loader:
+                images.append(batch[0])
+                if sum(len(x) for x in images) >= self.num_images:
+                    break
+            self._images = torch.cat(images)[: self.num_images]
+        return self._images
+
+    @torch.no_grad()
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        model = getattr(pl_module, "model", None)
+        if trainer.sanity_checking or not hasattr(model, "trace"):
+            return
+        if (trainer.current_epoch + 1) % self.every_n_epochs or not trainer.is_global_zero:
+            return
+        started = time.perf_counter()
+        images = self._batch(trainer)
+        if images is None:
+            return
+        images = images.to(pl_module.device)
+        trace = model.trace(images)
+        metrics = {}
+        for layer in whitebox.layerwise_stats(trace):
+            metrics[f"whitebox/coding_rate_l{layer['layer']}"] = layer["coding_rate_mean"]
+            metrics[f"whitebox/sparsity_l{layer['layer']}"] = layer["sparsity_mean"]
+        maps = whitebox.cls_attention_maps(trace.layers[-1].attention, trace.extras["grid_size"])
+        shown = maps[: self.figure_images]
+        mean = torch.tensor(getattr(trainer.datamodule, "mean", (0.5,) * 3)).view(1, 3, 1, 1)
+        std = torch.tensor(getattr(trainer.datamodule, "std", (0.5,) * 3)).view(1, 3, 1, 1)
+        pictures = (images[: self.figure_images].cpu() * std + mean).clamp(0, 1)
+        folder = Path(trainer.default_root_dir) / "whitebox"
+        path = whitebox.plot_attention_grid(
+            pictures,
+            shown,
+            whitebox.dino_masks(shown),
+            folder / f"attention-epoch{trainer.current_epoch:03d}.png",
+        )
+        metrics["whitebox/seconds"] = time.perf_counter() - started
+        pl_module.log_dict(metrics, rank_zero_only=True)
+        for logger in trainer.loggers:
+            self._log_image(logger, path, trainer.global_step)
+
+    @staticmethod
+    def _log_image(logger: Any, path: Path, step: int) -> None:
+        from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+
+        if isinstance(logger, WandbLogger):
+            logger.log_image(key="whitebox/attention", images=[str(path)], step=step)
+        elif isinstance(logger, TensorBoardLogger):
+            import numpy as np
+            from PIL import Image
+
+            with Image.open(path) as picture:
+                array = np.asarray(picture.convert("RGB"))
+            logger.experiment.add_image("whitebox/attention", array, step, dataformats="HWC")

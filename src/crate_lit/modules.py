@@ -30,6 +30,19 @@ def build_model(cfg: Mapping[str, Any]) -> torch.nn.Module:
     return model
 
 
+def optimizers_with_schedule(module: L.LightningModule, optimizer_cfg: Mapping[str, Any]) -> Dict[str, Any]:
+    """``configure_optimizers``' answer: the optimizer over ``module.model`` and its per-step
+    schedule over the whole run."""
+    optimizer = build_optimizer(module.model, optimizer_cfg)
+    scheduler = build_scheduler(
+        optimizer,
+        module.hparams.scheduler,
+        total_steps=int(module.trainer.estimated_stepping_batches),
+        max_epochs=max(1, module.trainer.max_epochs or 1),
+    )
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
 class CrateClassifier(L.LightningModule):
     """Image classification: cross-entropy with label smoothing, top-1/top-5 accuracy,
     optimizer and per-step schedule from config."""
@@ -72,14 +85,7 @@ class CrateClassifier(L.LightningModule):
         self.log("val/acc5", self.val_acc5)
 
     def configure_optimizers(self) -> Dict[str, Any]:
-        optimizer = build_optimizer(self.model, self.hparams.optimizer)
-        scheduler = build_scheduler(
-            optimizer,
-            self.hparams.scheduler,
-            total_steps=int(self.trainer.estimated_stepping_batches),
-            max_epochs=max(1, self.trainer.max_epochs or 1),
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return optimizers_with_schedule(self, self.hparams.optimizer)
 
 
 class CrateMAEPretrainer(L.LightningModule):
@@ -116,14 +122,7 @@ class CrateMAEPretrainer(L.LightningModule):
         args = dict(self.hparams.optimizer)
         base_lr = args.pop("lr")
         args["lr"] = base_lr * self.hparams.global_batch_size / 256
-        optimizer = build_optimizer(self.model, args)
-        scheduler = build_scheduler(
-            optimizer,
-            self.hparams.scheduler,
-            total_steps=int(self.trainer.estimated_stepping_batches),
-            max_epochs=max(1, self.trainer.max_epochs or 1),
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return optimizers_with_schedule(self, args)
 
 
 def to_container(cfg: Optional[Any]) -> Dict[str, Any]:

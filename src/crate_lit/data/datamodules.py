@@ -13,6 +13,19 @@ from torchvision.transforms import v2 as T
 from .shapes import ShapesDataset
 
 
+def make_loader(dataset: Dataset, hp: Any, train: bool) -> DataLoader:
+    """A DataLoader from a DataModule's hyper-parameters (batch size, workers, pinning)."""
+    return DataLoader(
+        dataset,
+        batch_size=hp.batch_size,
+        shuffle=train,
+        drop_last=train and len(dataset) >= hp.batch_size,
+        num_workers=hp.num_workers,
+        pin_memory=hp.pin_memory and torch.cuda.is_available(),
+        persistent_workers=hp.persistent_workers and hp.num_workers > 0,
+    )
+
+
 class ShapesDataModule(L.LightningDataModule):
     """The built-in shapes dataset: generated once per split and kept in memory."""
 
@@ -71,20 +84,8 @@ class ShapesDataModule(L.LightningDataModule):
         if self.val_set is None:
             self.val_set = self._dataset("val", self.hparams.val_size, self.eval_transform)
 
-    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
-        hp = self.hparams
-        return DataLoader(
-            dataset,
-            batch_size=hp.batch_size,
-            shuffle=train,
-            drop_last=train and len(dataset) >= hp.batch_size,
-            num_workers=hp.num_workers,
-            pin_memory=hp.pin_memory and torch.cuda.is_available(),
-            persistent_workers=hp.persistent_workers and hp.num_workers > 0,
-        )
-
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, train=True)
+        return make_loader(self.train_set, self.hparams, train=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, train=False)
+        return make_loader(self.val_set, self.hparams, train=False)

@@ -20,6 +20,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2 as T
 
+from .datamodules import make_loader
+
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -121,18 +123,6 @@ def _default_eval_resize(image_size: int) -> int:
 def _check_positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _make_loader(dataset: Dataset, hp: Any, train: bool) -> DataLoader:
-    return DataLoader(
-        dataset,
-        batch_size=hp.batch_size,
-        shuffle=train,
-        drop_last=train and len(dataset) >= hp.batch_size,
-        num_workers=hp.num_workers,
-        pin_memory=hp.pin_memory and torch.cuda.is_available(),
-        persistent_workers=hp.persistent_workers and hp.num_workers > 0,
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,10 +392,10 @@ class ImageNetDataModule(L.LightningDataModule):
             log.warning("skipped %d unreadable images (data.skip_corrupt=true)", self.skip_count)
 
     def train_dataloader(self) -> DataLoader:
-        return _make_loader(self.train_set, self.hparams, train=True)
+        return make_loader(self.train_set, self.hparams, train=True)
 
     def val_dataloader(self) -> DataLoader:
-        return _make_loader(self.val_set, self.hparams, train=False)
+        return make_loader(self.val_set, self.hparams, train=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -621,7 +611,7 @@ class CIFARDataModule(L.LightningDataModule):
             self.val_set = CIFARDataset(*self._load([test_file]), transform=self.eval_transform)
 
     def train_dataloader(self) -> DataLoader:
-        return _make_loader(self.train_set, self.hparams, train=True)
+        return make_loader(self.train_set, self.hparams, train=True)
 
     def val_dataloader(self) -> DataLoader:
-        return _make_loader(self.val_set, self.hparams, train=False)
+        return make_loader(self.val_set, self.hparams, train=False)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from crate_lit.models import create_model, load_pretrained
+from test_folders import cifar10_root, cifar100_root, imagenet_root  # noqa: F401  (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -168,3 +169,26 @@ def test_built_wheel_ships_configs_and_runs_outside_the_repo(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "name: crate_mini" in proc.stdout and "warmup_epochs" in proc.stdout
     assert not (outside / "outputs").exists()  # --cfg job prints, runs nothing
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100", "imagenet"])
+def test_real_format_datasets_train_through_the_cli(tmp_path, dataset, request):
+    """The data configs on small files in the real on-disk formats (fixtures of test_folders)."""
+    fixture = {"cifar10": "cifar10_root", "cifar100": "cifar100_root", "imagenet": "imagenet_root"}[dataset]
+    root = request.getfixturevalue(fixture)
+    proc = crate_train(
+        f"data={dataset}",
+        f"data.root={root}",
+        "model=crate_micro",
+        "data.image_size=32",
+        "data.batch_size=2",
+        "data.num_workers=0",
+        "trainer.max_epochs=1",
+        "trainer.enable_progress_bar=false",
+        *(["data.num_classes=3", "data.eval_resize=36"] if dataset == "imagenet" else []),
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(next((tmp_path / "outputs").glob("*/*/summary.json")).read_text())
+    assert summary["global_step"] > 0 and 0.0 <= summary["metrics"]["val/acc1"] <= 1.0

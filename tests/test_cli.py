@@ -90,6 +90,7 @@ def test_short_run_writes_checkpoint_metrics_and_summary(tmp_path):
         ("data.batch_size=10", None),  # fine on one device: control case
         ("data.num_classes=40", "num_classes"),
         ("model.pretrained=/nonexistent/ckpt.pth", "checkpoint not found"),
+        ("model.name=mae_crate_micro", "is a CRATE-MAE model"),
     ],
 )
 def test_config_value_typos_give_one_line_errors(tmp_path, override, expected):

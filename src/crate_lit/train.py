@@ -84,6 +84,11 @@ def validate(cfg: DictConfig) -> None:
             )
     if cfg.data.name not in DATAMODULES:
         raise ConfigError(f"unknown data.name {cfg.data.name!r}; choose one of {', '.join(DATAMODULES)}")
+    if str(OmegaConf.select(cfg, "model.name")).startswith("mae_"):
+        raise ConfigError(
+            f"model.name={cfg.model.name} is a CRATE-MAE model, which has no classifier; "
+            "crate-train classifies, so choose a CRATE classifier (e.g. model=crate_tiny)"
+        )
     patch = OmegaConf.select(cfg, "model.patch_size")
     if isinstance(patch, int) and cfg.data.image_size % patch:
         raise ConfigError(

@@ -73,18 +73,15 @@ def _batches(cfg: DictConfig, datamodule: Any) -> List[Tuple[torch.Tensor, torch
 
 @torch.no_grad()
 def analyze_whitebox(cfg: DictConfig, model: torch.nn.Module, datamodule: Any, out: Path) -> Dict[str, Any]:
-    per_layer: Dict[str, List[List[torch.Tensor]]] = {"coding_rate": [], "sparsity": []}
+    rates, zeros = [], []
     maps, gt_masks, shown = [], [], None
     is_mae = isinstance(model, CrateMAE)
     mae_outputs = None
     for images, _, masks in _batches(cfg, datamodule):
         trace = model.trace(images, mask_ratio=cfg.mask_ratio) if is_mae else model.trace(images)
-        for i, layer in enumerate(trace.layers):
-            if len(per_layer["coding_rate"]) <= i:
-                per_layer["coding_rate"].append([])
-                per_layer["sparsity"].append([])
-            per_layer["coding_rate"][i].append(whitebox.coding_rate(layer.subspace))
-            per_layer["sparsity"][i].append(whitebox.sparsity(layer.sparse))
+        batch_rates, batch_zeros = whitebox.layer_measures(trace)
+        rates.append(batch_rates)
+        zeros.append(batch_zeros)
         layer_index = cfg.layer - 1 if cfg.layer > 0 else len(trace.layers) + cfg.layer
         grid = trace.extras["grid_size"]
         maps.append(whitebox.cls_attention_maps(trace.layers[layer_index].attention, grid))
@@ -94,19 +91,7 @@ def analyze_whitebox(cfg: DictConfig, model: torch.nn.Module, datamodule: Any, o
             shown = images[: cfg.num_figure_images]
             if is_mae:
                 mae_outputs = (trace, images[: cfg.num_figure_images])
-    stats = []
-    for i, (rates, sparse) in enumerate(zip(per_layer["coding_rate"], per_layer["sparsity"], strict=True)):
-        rates, sparse = torch.cat(rates).double(), torch.cat(sparse).double()
-        stats.append(
-            {
-                "layer": i + 1,
-                "coding_rate_mean": rates.mean().item(),
-                "coding_rate_std": rates.std(correction=0).item(),
-                "sparsity_mean": sparse.mean().item(),
-                "sparsity_std": sparse.std(correction=0).item(),
-                "l0_mean": (1 - sparse).mean().item(),
-            }
-        )
+    stats = whitebox.summarize_layers(torch.cat(rates, dim=1), torch.cat(zeros, dim=1))
     with open(out / "layerwise.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(stats[0]))
         writer.writeheader()

@@ -47,10 +47,10 @@ class PlainCrate(Crate):
 def _build(kind: str, args: argparse.Namespace) -> torch.nn.Module:
     import timm
 
+    reference = create_model(args.model, img_size=args.img_size)
     if kind == "crate":
-        return create_model(args.model, img_size=args.img_size)
+        return reference
     if kind == "plain":
-        reference = create_model(args.model, img_size=args.img_size)
         plain = PlainCrate(
             img_size=args.img_size,
             patch_size=reference.patch_embed.patch_size,
@@ -61,7 +61,6 @@ def _build(kind: str, args: argparse.Namespace) -> torch.nn.Module:
         )
         plain.load_state_dict(reference.state_dict())
         return plain
-    reference = create_model(args.model, img_size=args.img_size)
     if kind == "vit_same":
         return timm.create_model(
             "vit_small_patch16_224",

@@ -26,7 +26,9 @@ __all__ = [
     "coding_rate",
     "sparsity",
     "normalized_l0",
+    "layer_measures",
     "layerwise_stats",
+    "summarize_layers",
     "cls_attention_maps",
     "dino_masks",
     "upsample_masks",
@@ -84,18 +86,25 @@ def _mean_std(values: Tensor) -> Tuple[float, float]:
     return float(v.mean()), float(v.std(correction=0))
 
 
-def layerwise_stats(trace: Any, eps: float = 0.01) -> List[Dict[str, float]]:
-    """Per layer of a ``WhiteboxTrace``: mean/std over images of R^c (from ``subspace``) and
-    of sparsity (from ``sparse``), plus the normalised l0 mean.
+def layer_measures(trace: Any, eps: float = 0.01) -> Tuple[Tensor, Tensor]:
+    """Per layer and image of a ``WhiteboxTrace``: R^c (from ``subspace``) and sparsity (from
+    ``sparse``), each (layers, B). Batches can be concatenated along dim 1 before summarising."""
+    rates = torch.stack([coding_rate(layer.subspace, eps) for layer in trace.layers])
+    zeros = torch.stack([sparsity(layer.sparse) for layer in trace.layers])
+    return rates, zeros
+
+
+def summarize_layers(rates: Tensor, zeros: Tensor) -> List[Dict[str, float]]:
+    """Mean/std over images, per layer, of (layers, B) coding rates and sparsities.
 
     Keys: ``layer`` (1-based), ``coding_rate_mean``, ``coding_rate_std``, ``sparsity_mean``,
     ``sparsity_std``, ``l0_mean`` (= 1 - ``sparsity_mean``). Stds are population stds
     (finite for a single image). All values are Python floats (``layer`` an int).
     """
     stats: List[Dict[str, float]] = []
-    for index, layer in enumerate(trace.layers, start=1):
-        rc_mean, rc_std = _mean_std(coding_rate(layer.subspace, eps))
-        sp_mean, sp_std = _mean_std(sparsity(layer.sparse))
+    for index, (rate, zero) in enumerate(zip(rates, zeros, strict=True), start=1):
+        rc_mean, rc_std = _mean_std(rate)
+        sp_mean, sp_std = _mean_std(zero)
         stats.append(
             dict(
                 layer=index,
@@ -107,6 +116,11 @@ def layerwise_stats(trace: Any, eps: float = 0.01) -> List[Dict[str, float]]:
             )
         )
     return stats
+
+
+def layerwise_stats(trace: Any, eps: float = 0.01) -> List[Dict[str, float]]:
+    """:func:`summarize_layers` of one trace's :func:`layer_measures`."""
+    return summarize_layers(*layer_measures(trace, eps))
 
 
 # -- attention maps and masks ---------------------------------------------------------------

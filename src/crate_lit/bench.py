@@ -95,7 +95,7 @@ def _measure(kind: str, args: argparse.Namespace, queue: Any) -> None:
         model = torch.compile(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
-    labels = torch.randint(0, 1000, (args.batch_size,), device=device) % 1000
+    labels = torch.randint(0, model.num_classes, (args.batch_size,), device=device)
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
 
     def step() -> None:

@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from crate_lit.data.datamodules import DataError
 from crate_lit.data.folders import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -137,7 +138,7 @@ def test_grayscale_and_cmyk_become_rgb(imagenet_root: Path) -> None:
 def test_truncated_image_error_names_the_file(imagenet_root: Path) -> None:
     bad = _add_truncated(imagenet_root)
     dm = _imagenet(imagenet_root, batch_size=1)  # nothing dropped: the bad file is always reached
-    with pytest.raises(RuntimeError, match=bad.name) as info:
+    with pytest.raises(DataError, match=bad.name) as info:
         for _ in dm.train_dataloader():
             pass
     assert "skip_corrupt" in str(info.value)

@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from crate_lit.models import CrateMAE, create_model, load_pretrained, to_released_state_dict
+from crate_lit.models import (
+    CrateMAE,
+    CrateMAEClassifier,
+    create_model,
+    load_pretrained,
+    to_released_state_dict,
+)
 from crate_lit.models.crate_mae import sincos_pos_embed_2d
 from test_models import layer_norm, plain_ista, plain_mssa
 
@@ -238,3 +244,33 @@ def test_trace_exposes_encoder_layers():
     assert trace.layers[0].attention.shape == (2, 2, 17, 17)
     assert trace.output.shape == (2, 16, 192)
     assert all(layer.sparse.min() >= 0 for layer in trace.layers)
+
+
+def test_probe_classifier_loads_mae_and_probe_checkpoints():
+    """A released MAE file fills the encoder (the probe head stays new); a probe's own state
+    dict also restores its head; the decoder is frozen and the head is BatchNorm + Linear."""
+    gen = torch.Generator().manual_seed(0)
+    released = released_mae_state_dict(32, 2, 8, 32, gen)
+    probe = CrateMAEClassifier(create_model("mae_crate_micro"), num_classes=5)
+    result = load_pretrained(probe, released)
+    assert result.released_layout and result.dropped_head
+    assert torch.equal(
+        to_released_state_dict(probe.encoder)["blocks.1.layers.0.1.fn.weight"],
+        released["blocks.1.layers.0.1.fn.weight"].float(),
+    )
+    assert not any(p.requires_grad for p in probe.encoder.decoder_blocks.parameters())
+    assert probe.encoder.blocks[0].ista.dictionary.requires_grad
+    images = torch.randn(4, 3, 32, 32, generator=gen)
+    features = probe.forward_head(probe.forward_features(images), pre_logits=True)
+    assert torch.allclose(features, probe.encoder.forward_features(images)[:, 0])
+    assert probe(images).shape == (4, 5)
+
+    with torch.no_grad():
+        probe.head[1].weight.normal_(generator=gen)
+    again = CrateMAEClassifier(create_model("mae_crate_micro"), num_classes=5)
+    load_pretrained(again, {f"model.{k}": v for k, v in probe.state_dict().items()})
+    assert torch.equal(again.head[1].weight, probe.head[1].weight)
+    other = CrateMAEClassifier(create_model("mae_crate_micro"), num_classes=7)
+    assert load_pretrained(other, probe.state_dict()).dropped_head == sorted(
+        f"head.{k}" for k in probe.head.state_dict()
+    )

@@ -1,4 +1,4 @@
-"""Training callbacks that measure CRATE's white-box quantities while it trains."""
+"""Training callbacks: CRATE's white-box quantities measured while it trains, and an EMA of weights."""
 
 from __future__ import annotations
 
@@ -9,10 +9,24 @@ from typing import Any, Optional
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import WeightAveraging
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from . import whitebox
 
 log = logging.getLogger(__name__)
+
+
+class EMA(WeightAveraging):
+    """An exponential moving average of the weights, updated after every optimizer step: it is
+    what validation sees, what checkpoints hold under ``state_dict`` (the raw weights under
+    ``current_model_state``, so a resumed run continues both) and what the model ends with."""
+
+    def __init__(self, decay: float = 0.9999) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+        super().__init__(multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+        self.decay = decay
 
 
 class WhiteboxMonitor(L.Callback):
@@ -73,20 +87,23 @@ class WhiteboxMonitor(L.Callback):
             folder / f"attention-epoch{trainer.current_epoch:03d}.png",
         )
         metrics["whitebox/seconds"] = time.perf_counter() - started
-        pl_module.log_dict(metrics, rank_zero_only=True)
+        # straight to the loggers: measured on rank 0 only, so nothing to reduce over DDP ranks
         for logger in trainer.loggers:
-            self._log_image(logger, path, trainer.global_step)
+            logger.log_metrics(metrics, step=trainer.global_step)
+        log_image_file(trainer.loggers, "whitebox/attention", path, trainer.global_step)
 
-    @staticmethod
-    def _log_image(logger: Any, path: Path, step: int) -> None:
-        from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
+def log_image_file(loggers: Any, key: str, path: Path, step: int) -> None:
+    """Send a saved PNG to each logger that takes images (TensorBoard, wandb)."""
+    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+
+    for logger in loggers:
         if isinstance(logger, WandbLogger):
-            logger.log_image(key="whitebox/attention", images=[str(path)], step=step)
+            logger.log_image(key=key, images=[str(path)], step=step)
         elif isinstance(logger, TensorBoardLogger):
             import numpy as np
             from PIL import Image
 
             with Image.open(path) as picture:
                 array = np.asarray(picture.convert("RGB"))
-            logger.experiment.add_image("whitebox/attention", array, step, dataformats="HWC")
+            logger.experiment.add_image(key, array, step, dataformats="HWC")

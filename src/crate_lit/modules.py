@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
 import lightning as L
@@ -10,13 +12,20 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
-from .models import create_model, load_pretrained
+from .models import CrateMAEClassifier, create_model, load_pretrained
 from .optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
 
 # model-config keys that are not constructor arguments
 _MODEL_META_KEYS = ("name", "pretrained")
+# what crate-train does: train a classifier, pre-train a CRATE-MAE, or fit a linear probe on a
+# frozen backbone (a CRATE classifier or a CRATE-MAE encoder)
+TASKS = ("classify", "mae", "linear_probe")
+
+
+def is_mae(name: str) -> bool:
+    return str(name).startswith("mae_")
 
 
 def build_model(cfg: Mapping[str, Any]) -> torch.nn.Module:
@@ -28,6 +37,22 @@ def build_model(cfg: Mapping[str, Any]) -> torch.nn.Module:
         result = load_pretrained(model, cfg["pretrained"])
         log.info("loaded %s (new head: %s)", cfg["pretrained"], bool(result.dropped_head))
     return model
+
+
+def build_classifier(cfg: Mapping[str, Any]) -> torch.nn.Module:
+    """``build_model`` for classification: a CRATE-MAE model becomes its encoder with the
+    linear-probe head (``CrateMAEClassifier``)."""
+    if not is_mae(cfg["name"]):
+        return build_model(cfg)
+    classifier = CrateMAEClassifier(build_model({**cfg, "pretrained": None}), int(cfg["num_classes"]))
+    if cfg.get("pretrained"):
+        load_pretrained(classifier, cfg["pretrained"])
+        log.info("loaded %s into the encoder", cfg["pretrained"])
+    return classifier
+
+
+def _global_seed() -> int:
+    return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
 
 def optimizers_with_schedule(module: L.LightningModule, optimizer_cfg: Mapping[str, Any]) -> Dict[str, Any]:
@@ -45,7 +70,8 @@ def optimizers_with_schedule(module: L.LightningModule, optimizer_cfg: Mapping[s
 
 class CrateClassifier(L.LightningModule):
     """Image classification: cross-entropy with label smoothing, top-1/top-5 accuracy,
-    optimizer and per-step schedule from config."""
+    optimizer and per-step schedule from config. ``linear_probe`` freezes everything but a
+    new classifier head, and keeps the frozen part in eval mode."""
 
     def __init__(
         self,
@@ -53,15 +79,28 @@ class CrateClassifier(L.LightningModule):
         optimizer: Dict[str, Any],
         scheduler: Dict[str, Any],
         label_smoothing: float = 0.1,
+        linear_probe: bool = False,
     ) -> None:
         super().__init__()
         # plain containers only, so checkpoints load under torch.load(weights_only=True)
         self.save_hyperparameters()
-        self.model = build_model(model)
+        self.model = build_classifier(model)
         num_classes = self.model.num_classes
+        if linear_probe:
+            self.model.requires_grad_(False)
+            if not isinstance(self.model, CrateMAEClassifier):
+                self.model.reset_classifier(num_classes)  # a probe trains a fresh head
+            self.model.get_classifier().requires_grad_(True)
         self.train_acc = MulticlassAccuracy(num_classes, top_k=1)
         self.val_acc1 = MulticlassAccuracy(num_classes, top_k=1)
         self.val_acc5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes))
+
+    def train(self, mode: bool = True) -> CrateClassifier:
+        super().train(mode)
+        if mode and self.hparams.linear_probe:
+            self.model.eval()
+            self.model.get_classifier().train()
+        return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
@@ -71,7 +110,8 @@ class CrateClassifier(L.LightningModule):
         logits = self(images)
         loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
         self.train_acc(logits, labels)
-        self.log("train/loss", loss, prog_bar=True)
+        # averaged over DDP ranks: the loss of the global batch, as one process would log it
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         self.log("train/acc1", self.train_acc, on_step=False, on_epoch=True)
         return loss
 
@@ -90,7 +130,11 @@ class CrateClassifier(L.LightningModule):
 
 class CrateMAEPretrainer(L.LightningModule):
     """CRATE-MAE pre-training with the MAE recipe: AdamW, no weight decay on 1-D parameters,
-    ``lr = base_lr * global_batch / 256``, per-step warm-up then half-cosine."""
+    ``lr = base_lr * global_batch / 256``, per-step warm-up then half-cosine. The masking noise
+    of each step is seeded by (seed, step, rank), so a resumed run masks as the original would.
+    After each validation epoch, ``num_reconstructions`` validation images are saved as a grid
+    (original, masked input, reconstruction) under ``<run>/reconstructions/`` and sent to the
+    loggers that take images."""
 
     def __init__(
         self,
@@ -99,24 +143,68 @@ class CrateMAEPretrainer(L.LightningModule):
         scheduler: Dict[str, Any],
         mask_ratio: float = 0.75,
         global_batch_size: int = 256,
+        num_reconstructions: int = 8,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model = build_model(model)
         # the released model keeps an unused Linear; frozen so DDP finds no unused gradients
         self.model.decoder_embed.requires_grad_(False)
+        self._shown: Optional[torch.Tensor] = None
 
-    def forward(self, images: torch.Tensor) -> Any:
-        return self.model(images, mask_ratio=self.hparams.mask_ratio)
+    def _noise(self, batch: int, step: int, split: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(
+            hash((_global_seed(), split, step, self.global_rank)) & 0xFFFFFFFF
+        )
+        return torch.rand(batch, self.model.patch_embed.num_patches, generator=generator).to(self.device)
+
+    def forward(self, images: torch.Tensor, noise: Optional[torch.Tensor] = None) -> Any:
+        return self.model(images, mask_ratio=self.hparams.mask_ratio, noise=noise)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        loss, _, _ = self(batch[0])
-        self.log("train/loss", loss, prog_bar=True)
+        images = batch[0]
+        loss, _, _ = self(images, self._noise(len(images), self.global_step, 0))
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        loss, _, _ = self(batch[0])
+        images = batch[0]
+        loss, _, _ = self(images, self._noise(len(images), batch_idx, 1))
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        if batch_idx == 0 and self._shown is None:
+            self._shown = images[: self.hparams.num_reconstructions].detach()
+
+    @torch.no_grad()
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking or not self.trainer.is_global_zero or self._shown is None:
+            return
+        from . import whitebox
+        from .callbacks import log_image_file
+
+        images = self._shown
+        _, pred, mask = self(images, self._noise(len(images), 0, 1))
+        patch_dim = pred.shape[-1]
+        pixel_mask = self.model.unpatchify(mask.unsqueeze(-1).expand(-1, -1, patch_dim))
+        reconstruction = self.model.unpatchify(pred)
+        if self.model.norm_pix_loss:  # predictions are per-patch normalised: undo with the target's stats
+            target = self.model.patchify(images)
+            mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+            reconstruction = self.model.unpatchify(pred * (var + 1.0e-6) ** 0.5 + mean)
+        reconstruction = images * (1 - pixel_mask) + reconstruction * pixel_mask
+        datamodule = self.trainer.datamodule
+        mean = torch.tensor(getattr(datamodule, "mean", (0.5,) * 3), device=images.device).view(1, 3, 1, 1)
+        std = torch.tensor(getattr(datamodule, "std", (0.5,) * 3), device=images.device).view(1, 3, 1, 1)
+
+        def show(x: torch.Tensor) -> torch.Tensor:
+            return (x * std + mean).clamp(0, 1).float().cpu()
+
+        path = whitebox.plot_reconstructions(
+            show(images),
+            show(images * (1 - pixel_mask)),
+            show(reconstruction),
+            Path(self.trainer.default_root_dir) / "reconstructions" / f"epoch{self.current_epoch:03d}.png",
+        )
+        log_image_file(self.trainer.loggers, "mae/reconstructions", path, self.global_step)
 
     def configure_optimizers(self) -> Dict[str, Any]:
         args = dict(self.hparams.optimizer)

@@ -5,23 +5,27 @@ With no arguments it is the CPU demo: a small CRATE on the built-in shapes datas
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sys
 import time
+import zipfile
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, Iterator, List
 
 import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, read_write
 from omegaconf.errors import OmegaConfBaseException
 
+from .callbacks import EMA
 from .data import DATAMODULES
-from .modules import CrateClassifier, to_container
+from .data.datamodules import DataError
+from .modules import TASKS, CrateClassifier, CrateMAEPretrainer, is_mae, to_container
 from .optim import OPTIMIZERS, SCHEDULES
 
 log = logging.getLogger("crate_lit.train")
@@ -84,11 +88,23 @@ def validate(cfg: DictConfig) -> None:
             )
     if cfg.data.name not in DATAMODULES:
         raise ConfigError(f"unknown data.name {cfg.data.name!r}; choose one of {', '.join(DATAMODULES)}")
-    if str(OmegaConf.select(cfg, "model.name")).startswith("mae_"):
+    task, model = cfg.get("task"), str(OmegaConf.select(cfg, "model.name"))
+    if task not in TASKS:
+        raise ConfigError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    if task == "classify" and is_mae(model):
         raise ConfigError(
-            f"model.name={cfg.model.name} is a CRATE-MAE model, which has no classifier; "
-            "crate-train classifies, so choose a CRATE classifier (e.g. model=crate_tiny)"
+            f"model={model} is a CRATE-MAE model, which has no classifier; for task=classify choose a "
+            "CRATE classifier (e.g. model=crate_tiny), or pre-train it with task=mae "
+            "(experiment=mae_pretrain) or probe its encoder with experiment=linear_probe"
         )
+    if task == "mae" and not is_mae(model):
+        raise ConfigError(
+            f"task=mae pre-trains a CRATE-MAE model, but model={model} is a classifier; "
+            "choose one of the mae_* models (e.g. model=mae_crate_base)"
+        )
+    decay = cfg.get("ema_decay")
+    if decay is not None and (isinstance(decay, bool) or not isinstance(decay, float) or not 0 < decay < 1):
+        raise ConfigError(f"ema_decay must be null or a number in (0, 1) such as 0.9999, got {decay!r}")
     patch = OmegaConf.select(cfg, "model.patch_size")
     if isinstance(patch, int) and cfg.data.image_size % patch:
         raise ConfigError(
@@ -113,7 +129,82 @@ def _first_line(err: BaseException) -> str:
         text = str(err.args[0])
     if isinstance(err, hydra.errors.InstantiationException) and err.__cause__ is not None:
         text = f"{text.splitlines()[0]} {_first_line(err.__cause__)}"
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        # re-raised from a DataLoader worker: the original message is the traceback's last line
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def build_module(cfg: DictConfig) -> L.LightningModule:
+    """The LightningModule of ``cfg.task``."""
+    common = {
+        "model": to_container(cfg.model),
+        "optimizer": to_container(cfg.optimizer),
+        "scheduler": to_container(cfg.scheduler),
+    }
+    if cfg.task == "mae":
+        return CrateMAEPretrainer(
+            **common,
+            mask_ratio=float(cfg.mask_ratio),
+            global_batch_size=int(cfg.data.batch_size),
+            num_reconstructions=int(cfg.get("num_reconstructions", 8)),
+        )
+    return CrateClassifier(
+        **common, label_smoothing=float(cfg.label_smoothing), linear_probe=cfg.task == "linear_probe"
+    )
+
+
+def resolve_ckpt_path(cfg: DictConfig, output_dir: Path) -> str | None:
+    """``ckpt_path``: null, ``last`` (this run folder's ``checkpoints/last.ckpt``) or a file."""
+    value = cfg.get("ckpt_path")
+    if value is None:
+        return None
+    path = output_dir / "checkpoints" / "last.ckpt" if value == "last" else Path(str(value)).expanduser()
+    if not path.is_file():
+        if value == "last":
+            raise FileNotFoundError(
+                f"ckpt_path=last: {path} does not exist; to resume an earlier run add "
+                "hydra.run.dir=<that run's folder>, or give ckpt_path=<path to a .ckpt>"
+            )
+        raise FileNotFoundError(f"ckpt_path={value} does not exist; give a .ckpt file or 'last'")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"ckpt_path={path} is not a readable PyTorch checkpoint (truncated or corrupt?)")
+    return str(path)
+
+
+# what Lightning's DDP launcher sets in the launching process
+_DDP_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+@contextlib.contextmanager
+def _ddp_launch_scope() -> Iterator[None]:
+    """Lightning's DDP launcher starts the extra processes by re-running this command with
+    ``hydra.run.dir`` set to the job's folder. In a multirun that command would be the whole
+    sweep, so each job presents itself as a single run of its own overrides. Afterwards the
+    process group and the launcher's environment go, so that the next job of the sweep starts
+    its own processes instead of joining the finished ones."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    argv, env = list(sys.argv), {k: os.environ.get(k) for k in _DDP_ENV}
+    if HydraConfig.initialized() and "LOCAL_RANK" not in os.environ:
+        hydra_cfg = HydraConfig.get()
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            sys.argv = [sys.argv[0], *hydra_cfg.overrides.task]
+            with read_write(hydra_cfg):
+                hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
+    try:
+        yield
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        sys.argv[:] = argv
+        for key, value in env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _instantiate_group(group: Any) -> List[Any]:
@@ -139,33 +230,47 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
         validate(cfg)
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         datamodule = build_datamodule(cfg)
-        module = CrateClassifier(
-            model=to_container(cfg.model),
-            optimizer=to_container(cfg.optimizer),
-            scheduler=to_container(cfg.scheduler),
-            label_smoothing=float(cfg.label_smoothing),
-        )
+        module = build_module(cfg)
+        if cfg.get("compile"):
+            module.model.compile()  # in place: parameter names (and checkpoints) stay unchanged
         callbacks = _instantiate_group(cfg.get("callbacks"))
+        if cfg.get("ema_decay") is not None:
+            callbacks.append(EMA(cfg.ema_decay))
         loggers = _instantiate_group(cfg.get("logger"))
+        # the loggers get the whole composed config instead of Lightning's merge of the module's and
+        # the data module's hyper-parameters (whose keys clash, e.g. the run's and the data's seed)
+        module._log_hyperparams = datamodule._log_hyperparams = False
+        for logger in loggers:
+            logger.log_hyperparams(to_container(cfg))
+        ckpt_path = resolve_ckpt_path(cfg, output_dir)
         trainer = L.Trainer(
             **to_container(cfg.trainer),
             default_root_dir=str(output_dir),
             callbacks=callbacks,
             logger=loggers or False,
         )
-        ckpt_path = cfg.get("ckpt_path")
-        if ckpt_path not in (None, "last") and not Path(ckpt_path).is_file():
-            raise FileNotFoundError(f"ckpt_path={ckpt_path} does not exist; give a .ckpt file or 'last'")
     except USER_ERRORS as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         raise ConfigError(_first_line(err)) from None
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        with _ddp_launch_scope():
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+            best = getattr(trainer.checkpoint_callback, "best_model_path", None)
+            if cfg.get("validate_best") and best:
+                trainer.validate(module, datamodule=datamodule, ckpt_path=best)
+    except DataError as err:  # a dataset file found broken while training; checkpoints so far stay
+        raise ConfigError(_first_line(err)) from None
+    except RuntimeError as err:
+        if ckpt_path is None or "loading state_dict" not in str(err):
+            raise
+        raise ConfigError(
+            f"ckpt_path={ckpt_path} was saved from a different model than model={cfg.model.name}: "
+            f"{_first_line(err)}; resume with the model config it was trained with"
+        ) from None
     checkpoint = trainer.checkpoint_callback  # the first one: the best by its monitor
     last = [c.best_model_path for c in trainer.checkpoint_callbacks if getattr(c, "monitor", 1) is None]
-    if cfg.get("validate_best") and checkpoint is not None and checkpoint.best_model_path:
-        trainer.validate(module, datamodule=datamodule, ckpt_path=checkpoint.best_model_path)
 
     summary = {
         "metrics": _float_metrics(trainer.callback_metrics),
@@ -194,10 +299,12 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
 
 
 def _report(summary: Dict[str, Any], path: Path) -> None:
-    m = {k: summary["metrics"].get(k, float("nan")) for k in ("val/acc1", "val/acc5")}
+    metrics = summary["metrics"]
+    shown = [k for k in ("val/acc1", "val/acc5") if k in metrics]
+    shown = shown or [k for k in ("val/loss",) if k in metrics]
+    values = ", ".join(f"{k} {metrics[k]:.4f}" for k in shown) or "no validation metrics"
     lines = [
-        f"validation top-1 {m['val/acc1']:.4f}, top-5 {m['val/acc5']:.4f} "
-        f"after {summary['epochs']} epochs in {summary['wall_time_s']:.1f} s",
+        f"{values} after {summary['epochs']} epochs in {summary['wall_time_s']:.1f} s",
         f"checkpoint: {summary['checkpoints']['best'] or summary['checkpoints']['last']}",
         f"metrics:    {summary['metrics_file']}",
         f"config:     {summary['config']}",
@@ -213,8 +320,8 @@ def main(cfg: DictConfig) -> float | None:
     except ConfigError as err:
         print(f"crate-train: error: {err}", file=sys.stderr)
         sys.exit(2)
-    # the value Hydra sweepers (Optuna) optimise
-    return summary["metrics"].get("val/acc1")
+    # the value Hydra sweepers (Optuna) optimise: the metric that picks the best checkpoint
+    return summary["best"]["score"]
 
 
 if __name__ == "__main__":

@@ -3,23 +3,87 @@ derives it from the global ``data.batch_size``."""
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import hashlib
+import os
+from typing import Any, Iterator, Optional, Tuple
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2 as T
 
 from .shapes import ShapesDataset
 
 
-def make_loader(dataset: Dataset, hp: Any, train: bool) -> DataLoader:
-    """A DataLoader from a DataModule's hyper-parameters (batch size, workers, pinning)."""
+class DataError(ValueError):
+    """A dataset file that cannot be used (unreadable image, malformed batch); names the file."""
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one training sample's random augmentation in one epoch."""
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+class EpochSampler(DistributedSampler):
+    """Training order and augmentation as functions of (seed, epoch) alone.
+
+    The order is ``DistributedSampler``'s permutation (so one process sees, batch by batch, the
+    union of what the DDP ranks see), and each index comes paired with the seed of its random
+    augmentation (``SeededSamples``). A run resumed from a checkpoint, a DDP run and a run with
+    any number of workers therefore draw the same images with the same augmentations.
+    """
+
+    def __iter__(self) -> Iterator[Tuple[int, int]]:  # type: ignore[override]
+        for index in super().__iter__():
+            yield index, sample_seed(self.seed, self.epoch, index)
+
+
+class SeededSamples(Dataset):
+    """``dataset[index]`` with torch's random generator seeded for the sample: ``EpochSampler``
+    hands out ``(index, seed)`` pairs."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: Tuple[int, int]) -> Any:
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]
+
+
+def make_loader(dataset: Dataset, hp: Any, train: bool, trainer: Optional[L.Trainer] = None) -> DataLoader:
+    """A DataLoader from a DataModule's hyper-parameters (batch size, workers, pinning).
+
+    Training loaders shuffle with ``EpochSampler``, split over the trainer's DDP ranks and
+    positioned at the trainer's epoch (the first batch is fetched before Lightning calls
+    ``set_epoch``, so a resumed run must start at the right epoch here).
+    """
+    sampler = None
+    if train:
+        world, rank, epoch = 1, 0, 0
+        if trainer is not None:
+            world, rank = trainer.world_size, trainer.global_rank
+            epoch = trainer.fit_loop.epoch_progress.current.processed
+        sampler = EpochSampler(
+            dataset,
+            num_replicas=world,
+            rank=rank,
+            shuffle=True,
+            seed=int(os.environ.get("PL_GLOBAL_SEED", 0)),
+        )
+        sampler.set_epoch(epoch)
+        dataset = SeededSamples(dataset)
+    per_rank = len(dataset) // (sampler.num_replicas if sampler is not None else 1)
     return DataLoader(
         dataset,
         batch_size=hp.batch_size,
-        shuffle=train,
-        drop_last=train and len(dataset) >= hp.batch_size,
+        sampler=sampler,
+        drop_last=train and per_rank >= hp.batch_size,
         num_workers=hp.num_workers,
         pin_memory=hp.pin_memory and torch.cuda.is_available(),
         persistent_workers=hp.persistent_workers and hp.num_workers > 0,
@@ -85,7 +149,7 @@ class ShapesDataModule(L.LightningDataModule):
             self.val_set = self._dataset("val", self.hparams.val_size, self.eval_transform)
 
     def train_dataloader(self) -> DataLoader:
-        return make_loader(self.train_set, self.hparams, train=True)
+        return make_loader(self.train_set, self.hparams, train=True, trainer=self.trainer)
 
     def val_dataloader(self) -> DataLoader:
         return make_loader(self.val_set, self.hparams, train=False)

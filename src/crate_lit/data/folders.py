@@ -2,7 +2,7 @@
 
 Both DataModules take the *per-device* batch size, like ``ShapesDataModule``. Layout problems are
 reported at construction as one ``FileNotFoundError``/``ValueError`` that names the fix; file contents
-are read in ``setup``.
+are read in ``setup`` and while iterating, where problems raise ``DataError`` naming the file.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2 as T
 
-from .datamodules import make_loader
+from .datamodules import DataError, make_loader
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +212,7 @@ class ImageFolderDataset(Dataset):
         classes = list_class_folders(self.split_dir)
         unknown = sorted(set(classes) - set(class_to_idx))
         if unknown:
-            raise ValueError(f"{self.split_dir} has class folders without a label: {', '.join(unknown[:5])}")
+            raise DataError(f"{self.split_dir} has class folders without a label: {', '.join(unknown[:5])}")
         paths: List[str] = []
         labels: List[int] = []
         for name in classes:
@@ -220,7 +220,7 @@ class ImageFolderDataset(Dataset):
             paths += [os.path.join(name, f) for f in files]
             labels += [class_to_idx[name]] * len(files)
         if not paths:
-            raise ValueError(
+            raise DataError(
                 f"no images ({', '.join(IMG_EXTENSIONS)}) found in the class folders of {self.split_dir}"
             )
         self._paths = _PathTable(paths)
@@ -250,7 +250,7 @@ class ImageFolderDataset(Dataset):
                 return img.convert("RGB")  # also decodes: grayscale, CMYK, palette become RGB
         # PIL signals broken files with many exception types (OSError, SyntaxError, struct.error, ...)
         except Exception as err:
-            raise RuntimeError(
+            raise DataError(
                 f"cannot read image {path}: {err}; fix or delete the file, or set data.skip_corrupt=true"
             ) from err
 
@@ -269,7 +269,7 @@ class ImageFolderDataset(Dataset):
             current = (index + attempt) % len(self)
             try:
                 image = self.load(current)
-            except RuntimeError as err:
+            except DataError as err:
                 if not self.skip_corrupt:
                     raise
                 self._record_skip(current, err)
@@ -277,7 +277,7 @@ class ImageFolderDataset(Dataset):
             if self.transform is not None:
                 image = self.transform(image)
             return image, int(self.labels[current])
-        raise RuntimeError(
+        raise DataError(
             f"{MAX_CONSECUTIVE_SKIPS} unreadable images in a row from {self.path(index)} on; "
             "check the dataset files and the disk they are on"
         )
@@ -392,7 +392,7 @@ class ImageNetDataModule(L.LightningDataModule):
             log.warning("skipped %d unreadable images (data.skip_corrupt=true)", self.skip_count)
 
     def train_dataloader(self) -> DataLoader:
-        return make_loader(self.train_set, self.hparams, train=True)
+        return make_loader(self.train_set, self.hparams, train=True, trainer=self.trainer)
 
     def val_dataloader(self) -> DataLoader:
         return make_loader(self.val_set, self.hparams, train=False)
@@ -445,12 +445,12 @@ def _read_pickle(path: str) -> Dict[str, Any]:
         with open(path, "rb") as f:
             content = _CifarUnpickler(f, encoding="latin1").load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as err:
-        raise ValueError(
+        raise DataError(
             f"{path} is not a CIFAR python batch ({type(err).__name__}: {err}); replace it with the file "
             "from the extracted archive"
         ) from None
     if not isinstance(content, dict):
-        raise ValueError(f"{path} holds a {type(content).__name__}, not the dict of a CIFAR python batch")
+        raise DataError(f"{path} holds a {type(content).__name__}, not the dict of a CIFAR python batch")
     return content
 
 
@@ -463,24 +463,24 @@ def load_cifar_batch(path: str, label_key: str, num_classes: int) -> Tuple[np.nd
     batch = _read_pickle(path)
     missing = [k for k in ("data", label_key) if k not in batch]
     if missing:
-        raise ValueError(
+        raise DataError(
             f"{path} lacks the key(s) {', '.join(missing)} of a CIFAR python batch (has: {', '.join(batch)})"
         )
     data = np.asarray(batch["data"])
     if data.ndim != 2 or data.shape[1] != 3072:
-        raise ValueError(f"{path}: 'data' has shape {data.shape}; a CIFAR batch has rows of 3072 (3x32x32)")
+        raise DataError(f"{path}: 'data' has shape {data.shape}; a CIFAR batch has rows of 3072 (3x32x32)")
     if data.dtype != np.uint8:
         if not np.issubdtype(data.dtype, np.integer) or (data.size and (data.min() < 0 or data.max() > 255)):
-            raise ValueError(f"{path}: 'data' must hold 8-bit pixel values, got dtype {data.dtype}")
+            raise DataError(f"{path}: 'data' must hold 8-bit pixel values, got dtype {data.dtype}")
         data = data.astype(np.uint8)
     labels = np.asarray(batch[label_key])
     if labels.shape != (len(data),) or (labels.size and not np.issubdtype(labels.dtype, np.integer)):
-        raise ValueError(
+        raise DataError(
             f"{path}: '{label_key}' must be {len(data)} integers (one per row), got shape {labels.shape}"
         )
     labels = labels.astype(np.int64)
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(
+        raise DataError(
             f"{path}: '{label_key}' has values in [{labels.min()}, {labels.max()}], "
             f"outside 0..{num_classes - 1}"
         )
@@ -590,7 +590,7 @@ class CIFARDataModule(L.LightningDataModule):
             return None
         names = _read_pickle(str(meta)).get(_CIFAR[self.hparams.variant][5])
         if names is None or len(names) != self.hparams.num_classes:
-            raise ValueError(
+            raise DataError(
                 f"{meta}: expected {self.hparams.num_classes} names under "
                 f"'{_CIFAR[self.hparams.variant][5]}'; is it the meta file of {self.hparams.variant}?"
             )
@@ -611,7 +611,7 @@ class CIFARDataModule(L.LightningDataModule):
             self.val_set = CIFARDataset(*self._load([test_file]), transform=self.eval_transform)
 
     def train_dataloader(self) -> DataLoader:
-        return make_loader(self.train_set, self.hparams, train=True)
+        return make_loader(self.train_set, self.hparams, train=True, trainer=self.trainer)
 
     def val_dataloader(self) -> DataLoader:
         return make_loader(self.val_set, self.hparams, train=False)

@@ -1,7 +1,7 @@
 """CRATE and CRATE-MAE as plain PyTorch modules; importing registers the classifiers in timm."""
 
 from .crate import Crate, CrateBlock, IstaBlock, LayerTrace, SubspaceAttention, WhiteboxTrace
-from .crate_mae import CrateMAE
+from .crate_mae import CrateMAE, CrateMAEClassifier
 from .factory import (
     MODEL_NAMES,
     CheckpointMismatchError,
@@ -15,6 +15,7 @@ __all__ = [
     "Crate",
     "CrateBlock",
     "CrateMAE",
+    "CrateMAEClassifier",
     "CheckpointMismatchError",
     "IstaBlock",
     "LayerTrace",

@@ -246,6 +246,52 @@ class CrateMAE(nn.Module):
         return result
 
 
+class CrateMAEClassifier(nn.Module):
+    """A classifier on a CRATE-MAE encoder, the linear probe of the MAE recipe: the class token
+    of the unmasked encoder output (after its final LayerNorm), BatchNorm without affine
+    parameters, then a Linear layer. The decoder stays in ``encoder`` so that MAE checkpoints
+    load unchanged, frozen because nothing flows through it (DDP would report it unused)."""
+
+    def __init__(self, encoder: CrateMAE, num_classes: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.num_features = self.embed_dim = encoder.embed_dim
+        for part in (
+            encoder.decoder_embed,
+            encoder.decoder_blocks,
+            encoder.decoder_norm,
+            encoder.decoder_pred,
+        ):
+            part.requires_grad_(False)
+        encoder.mask_token.requires_grad_(False)
+        self.reset_classifier(num_classes)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        linear = nn.Linear(self.embed_dim, num_classes)
+        nn.init.trunc_normal_(linear.weight, std=0.01)  # the MAE linear-probe initialisation
+        nn.init.zeros_(linear.bias)
+        self.head = nn.Sequential(nn.BatchNorm1d(self.embed_dim, affine=False, eps=1e-6), linear)
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def forward_features(self, imgs: Tensor) -> Tensor:
+        return self.encoder.forward_features(imgs)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        x = x[:, 0]
+        return x if pre_logits else self.head(x)
+
+    def forward(self, imgs: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(imgs))
+
+    @torch.jit.ignore
+    def trace(self, imgs: Tensor) -> WhiteboxTrace:
+        return self.encoder.trace(imgs)
+
+
 # -- released checkpoint layout ------------------------------------------------------------
 # (released name, crate-lit name); "{i}" a layer index. Decoder layers run ISTA' first.
 RELEASED_KEYS = [

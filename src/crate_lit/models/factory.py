@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from . import crate, crate_mae
 from .crate import CRATE_CONFIGS, Crate
-from .crate_mae import CRATE_MAE_CONFIGS, CrateMAE
+from .crate_mae import CRATE_MAE_CONFIGS, CrateMAE, CrateMAEClassifier
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,8 @@ def load_pretrained(
     """
     raw = _read(source) if isinstance(source, (str, Path)) else source
     state = _unwrap(raw)
+    if isinstance(model, CrateMAEClassifier):
+        return _load_probe(model, state, strict)
     result = LoadResult()
     before = {k: tuple(v.shape) for k, v in state.items() if k in ("pos_embed", "pos_embedding")}
     if "pos_embedding" in before:
@@ -166,6 +168,27 @@ def load_pretrained(
         )
     result.missing, result.unexpected = missing, unexpected
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    return result
+
+
+def _load_probe(model: CrateMAEClassifier, state: Dict[str, Tensor], strict: bool) -> LoadResult:
+    """An MAE checkpoint goes into the encoder (the probe head stays new); a checkpoint of a
+    probe itself also brings its head when the class count matches."""
+    if not any(k.startswith("encoder.") for k in state):
+        result = load_pretrained(model.encoder, state, strict=strict)
+        result.dropped_head = ["head"]
+        return result
+    result = load_pretrained(
+        model.encoder,
+        {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")},
+        strict=strict,
+    )
+    head = {k[len("head.") :]: v for k, v in state.items() if k.startswith("head.")}
+    own = model.head.state_dict()
+    if head.keys() == own.keys() and all(head[k].shape == own[k].shape for k in own):
+        model.head.load_state_dict(head)
+    else:
+        result.dropped_head = sorted(f"head.{k}" for k in head)
     return result
 
 

@@ -304,3 +304,31 @@ def test_bad_checkpoints_to_resume_from_are_one_line_errors(tmp_path):
     truncated.write_bytes(last.read_bytes()[:1000])
     line = _one_line_error(crate_train(*QUICK, f"ckpt_path={truncated}", cwd=tmp_path))
     assert "not a readable PyTorch checkpoint" in line
+
+
+def test_optuna_search_runs_trials_and_reports_the_best(tmp_path):
+    proc = crate_train(*QUICK, "hparams_search=optuna", "hydra.sweeper.n_trials=2", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted(tmp_path.glob("outputs/multirun/*/*/[0-9]*/summary.json"))
+    assert len(jobs) == 2
+    rates = {
+        torch.load(_summary(j.parent)["checkpoints"]["last"], weights_only=True)["hyper_parameters"][
+            "optimizer"
+        ]["lr"]
+        for j in jobs
+    }
+    assert len(rates) == 2 and all(1e-4 <= r <= 1e-2 for r in rates)  # sampled from the search space
+    (results,) = tmp_path.glob("outputs/multirun/*/*/optimization_results.yaml")
+    best = max(_summary(j.parent)["best"]["score"] for j in jobs)
+    assert f"best_value: {best}" in results.read_text()  # the trial's return value: val/acc1
+
+
+def test_slurm_launcher_composes_for_multi_node_ddp(tmp_path):
+    proc = crate_train(
+        "hydra/launcher=slurm", "trainer=ddp", "hydra.launcher.nodes=4", "--cfg", "hydra", cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "submitit_launcher.SlurmLauncher" in proc.stdout
+    assert (
+        "nodes: 4" in proc.stdout and "tasks_per_node: 8" in proc.stdout and "gpus_per_node: 8" in proc.stdout
+    )

@@ -332,3 +332,22 @@ def test_slurm_launcher_composes_for_multi_node_ddp(tmp_path):
     assert (
         "nodes: 4" in proc.stdout and "tasks_per_node: 8" in proc.stdout and "gpus_per_node: 8" in proc.stdout
     )
+
+
+def test_compile_switch_trains_the_same_model_under_the_same_names(tmp_path):
+    args = [*QUICK, "trainer.max_epochs=1"]
+    runs = {}
+    for flag in ("false", "true"):
+        proc = crate_train(*args, f"compile={flag}", f"hydra.run.dir={tmp_path / flag}", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[flag] = _summary(tmp_path / flag)
+    eager, compiled = (
+        torch.load(runs[f]["checkpoints"]["last"], map_location="cpu", weights_only=True)["state_dict"]
+        for f in ("false", "true")
+    )
+    assert eager.keys() == compiled.keys()  # no _orig_mod. prefix: checkpoints stay loadable
+    for name in eager:
+        assert torch.allclose(eager[name], compiled[name], atol=1e-4), name
+    assert runs["true"]["metrics"]["val/loss"] == pytest.approx(
+        runs["false"]["metrics"]["val/loss"], abs=1e-4
+    )

@@ -272,6 +272,11 @@ def test_switches_accumulation_clipping_ema(tmp_path):
         (["ckpt_path=last"], "hydra.run.dir=<that run's folder>"),
         (["task=mae"], "task=mae pre-trains a CRATE-MAE model"),
         (["ema_decay=2"], "ema_decay must be null or a number in (0, 1)"),
+        pytest.param(
+            ["trainer=gpu"],
+            "No supported gpu backend",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present"),
+        ),
     ],
 )
 def test_impossible_combinations_fail_at_start(tmp_path, args, expected):

@@ -19,6 +19,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf, read_write
 from omegaconf.errors import OmegaConfBaseException
 
@@ -44,7 +45,15 @@ class ConfigError(ValueError):
 
 
 # Errors a user can cause with a config value; reported in one line before training starts.
-USER_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, OmegaConfBaseException)
+USER_ERRORS = (
+    ValueError,
+    TypeError,
+    KeyError,
+    FileNotFoundError,
+    ImportError,  # an optional package a config needs (torch_xla, wandb, ...)
+    OmegaConfBaseException,
+    MisconfigurationException,  # Lightning's word for trainer values it cannot honour (e.g. no GPU)
+)
 
 
 def _require_int(cfg: DictConfig, key: str, minimum: int = 1) -> int:

@@ -16,6 +16,15 @@ from PIL import Image
 from crate_lit.models import create_model, to_released_state_dict
 
 BIN = Path(sys.executable).parent
+# a k-NN analysis small enough for a test: 64 training images as the memory, 32 queries
+KNN = (
+    "task=knn",
+    "num_images=32",
+    "num_train_images=64",
+    "batch_size=16",
+    "data.train_size=128",
+    "data.val_size=32",
+)
 
 
 def run(tool: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -69,6 +78,15 @@ def test_analysis_of_a_trained_model_and_a_released_file(tmp_path):
     assert report["num_images"] == 32
     with Image.open(out / "attention.png") as image:  # 3 images x 2 rows, image + 2 heads
         assert image.size[0] < image.size[1]
+    seg = report["segmentation"]
+    assert seg["upsample"] == "bilinear" and seg["keep"] == 0.6
+    assert [row["layer"] for row in seg["by_layer"]] == [1, 2]
+    assert seg["by_layer"][-1]["union_iou"] == pytest.approx(seg["union_iou"])
+
+    # k-NN and linear probe on the classifier's features
+    proc = run("crate-analyze", f"ckpt_path={ckpt}", *KNN, f"hydra.run.dir={tmp_path / 'knn'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    _check_knn(tmp_path / "knn", "Crate")
 
     # a released-layout file (module. prefix, under state_dict) with model= named
     released = {
@@ -90,3 +108,43 @@ def test_analysis_of_a_trained_model_and_a_released_file(tmp_path):
     # without model= the released file cannot name its model: one clear line
     proc = run("crate-analyze", f"ckpt_path={tmp_path / 'released.pth'}", cwd=tmp_path)
     assert proc.returncode == 2 and "add model=NAME" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _check_knn(out: Path, model: str) -> None:
+    report = json.loads((out / "report.json").read_text())
+    assert report["task"] == "knn" and report["model"] == model
+    assert report["num_train_images"] == 64 and report["num_images"] == 32
+    assert 0.0 <= report["knn"]["top1"] <= 1.0 and 0.0 <= report["linear_probe"]["top1"] <= 1.0
+
+
+@pytest.mark.slow
+def test_knn_of_a_crate_mae_encoder_and_of_its_linear_probe(tmp_path):
+    small = ["data.train_size=96", "data.val_size=32", "data.batch_size=16", "trainer.max_epochs=1"]
+    quiet = ["trainer.enable_progress_bar=false"]
+    # a CRATE-MAE pre-training checkpoint: features are the encoder's class token
+    mae = ["task=mae", "model=mae_crate_micro"]
+    train = run("crate-train", *mae, *small, *quiet, f"hydra.run.dir={tmp_path / 'mae'}", cwd=tmp_path)
+    assert train.returncode == 0, train.stderr[-2000:]
+    mae_ckpt = tmp_path / "mae" / "checkpoints" / "last.ckpt"
+    out = tmp_path / "mae_knn"
+    proc = run("crate-analyze", f"ckpt_path={mae_ckpt}", *KNN, f"hydra.run.dir={out}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    _check_knn(out, "CrateMAE")
+
+    # the encoder with a linear-probe head: a classification checkpoint of a CRATE-MAE model
+    probe = ["task=linear_probe", "model=mae_crate_micro", f"model.pretrained={mae_ckpt}"]
+    train = run("crate-train", *probe, *small, *quiet, f"hydra.run.dir={tmp_path / 'probe'}", cwd=tmp_path)
+    assert train.returncode == 0, train.stderr[-2000:]
+    ckpt = tmp_path / "probe" / "checkpoints" / "last.ckpt"
+    out = tmp_path / "probe_knn"
+    proc = run("crate-analyze", f"ckpt_path={ckpt}", *KNN, f"hydra.run.dir={out}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    _check_knn(out, "CrateMAEClassifier")
+
+    # a released-layout CRATE-MAE file, with model= named
+    torch.save(create_model("mae_crate_micro").state_dict(), tmp_path / "mae.pth")
+    out = tmp_path / "released_knn"
+    mae_file = [f"ckpt_path={tmp_path / 'mae.pth'}", "model=mae_crate_micro"]
+    proc = run("crate-analyze", *mae_file, *KNN, f"hydra.run.dir={out}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    _check_knn(out, "CrateMAE")

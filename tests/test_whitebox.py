@@ -168,7 +168,7 @@ def test_segmentation_scores_known_example():
     maps[0, 0, :2, :2] = 1.0  # head 0 equals the ground truth at patch level
     maps[1, 0, 1:3, 1:3] = 1.0
     maps[:, 1, 3, 3] = 1.0  # head 1: one background patch (4 pixels)
-    scores = wb.segmentation_scores(maps, gt, keep=1.0)
+    scores = wb.segmentation_scores(maps, gt, keep=1.0, upsample="nearest")
     assert scores["per_head_iou"] == pytest.approx([1.0, 0.0])
     assert scores["best_head"] == 0 and scores["best_head_iou"] == pytest.approx(1.0)
     assert scores["union_iou"] == pytest.approx(16 / 20)
@@ -178,7 +178,42 @@ def test_segmentation_scores_known_example():
     # a soft map whose foreground holds 70% of the mass is exact at the default keep=0.6
     soft = torch.full((1, 1, 4, 4), 0.3 / 12)
     soft[0, 0, :2, :2] = torch.tensor([[0.2, 0.2], [0.15, 0.15]])
-    assert wb.segmentation_scores(soft, gt[:1])["best_head_iou"] == pytest.approx(1.0)
+    assert wb.segmentation_scores(soft, gt[:1], upsample="nearest")["best_head_iou"] == pytest.approx(1.0)
+    assert scores["keep"] == 1.0 and scores["upsample"] == "nearest"
+
+
+def test_upsample_maps_bilinear():
+    ramp = torch.arange(4.0).expand(2, 3, 4, 4)  # columns 0..3, 2 px per patch
+    up = wb.upsample_maps(ramp, (8, 8))
+    assert up.shape == (2, 3, 8, 8) and up.dtype == torch.float32
+    # pixel centres lie a quarter patch either side of a patch centre; the borders are clamped
+    assert up[0, 0, 0].tolist() == [0.0, 0.25, 0.75, 1.25, 1.75, 2.25, 2.75, 3.0]
+    torch.testing.assert_close(
+        wb.upsample_maps(torch.full((1, 1, 3, 3), 0.2), (12, 12)), torch.full((1, 1, 12, 12), 0.2)
+    )
+
+
+def test_attention_masks_modes():
+    gen = torch.Generator().manual_seed(0)
+    maps = torch.rand(2, 3, 4, 4, generator=gen)
+    nearest = wb.attention_masks(maps, (8, 8), keep=0.6, upsample="nearest")
+    assert torch.equal(nearest, wb.upsample_masks(wb.dino_masks(maps, 0.6), (8, 8)))
+    bilinear = wb.attention_masks(maps, (8, 8), keep=0.6, upsample="bilinear")
+    assert bilinear.shape == (2, 3, 8, 8) and bilinear.dtype == torch.bool
+    assert torch.equal(bilinear, wb.dino_masks(wb.upsample_maps(maps, (8, 8)), 0.6))
+    with pytest.raises(ValueError, match="upsample must be one of"):
+        wb.attention_masks(maps, (8, 8), upsample="bicubic")
+
+
+def test_bilinear_masks_follow_an_outline_better_than_patch_blocks():
+    # The ideal attention map of a disk is the foreground share of every patch. On a 4 x 4 grid
+    # its patch-block mask cannot follow the round outline; the interpolated mask comes closer.
+    c = torch.arange(32.0) + 0.5
+    gt = ((c.view(-1, 1) - 14.0) ** 2 + (c.view(1, -1) - 17.0) ** 2 <= 9.0**2).unsqueeze(0)
+    ideal = torch.nn.functional.avg_pool2d(gt.float().unsqueeze(0), 8)  # (1, 1, 4, 4)
+    near = wb.segmentation_scores(ideal, gt, upsample="nearest")["best_head_iou"]
+    bil = wb.segmentation_scores(ideal, gt, upsample="bilinear")["best_head_iou"]
+    assert bil > near + 0.05
 
 
 # -- PCA ------------------------------------------------------------------------------------

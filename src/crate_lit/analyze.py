@@ -23,10 +23,13 @@ from omegaconf import DictConfig
 
 from . import whitebox
 from .models import CrateMAE, load_pretrained
-from .modules import build_model, to_container
+from .modules import build_classifier, build_model, to_container
 from .train import USER_ERRORS, ConfigError, build_datamodule, config_dir
 
 log = logging.getLogger("crate_lit.analyze")
+
+# what report.json keeps of the segmentation score of every layer
+_LAYER_KEYS = ("best_head", "best_head_iou", "union_iou")
 
 
 def load_model(cfg: DictConfig) -> torch.nn.Module:
@@ -36,12 +39,18 @@ def load_model(cfg: DictConfig) -> torch.nn.Module:
     if not path.is_file():
         raise FileNotFoundError(f"ckpt_path={path} does not exist; point it at a .ckpt or released .pth file")
     raw = torch.load(path, map_location="cpu", weights_only=True)
-    model_cfg = (raw.get("hyper_parameters") or {}).get("model") if isinstance(raw, dict) else None
+    hparams = (raw.get("hyper_parameters") or {}) if isinstance(raw, dict) else {}
+    model_cfg = hparams.get("model")
     if model_cfg is None:
         if not cfg.get("model"):
             raise ConfigError(f"{path} does not name its model; add model=NAME (e.g. model=crate_small)")
         model_cfg = to_container(cfg.model)
-    model = build_model({**model_cfg, "pretrained": None})
+    model_cfg = {**model_cfg, "pretrained": None}
+    # A classification checkpoint (CrateClassifier's hyper-parameters include label_smoothing)
+    # of a CRATE-MAE model holds the encoder inside CrateMAEClassifier (the linear probe), not
+    # the bare CrateMAE that pre-training checkpoints and released files hold.
+    build = build_classifier if "label_smoothing" in hparams else build_model
+    model = build(model_cfg)
     load_pretrained(model, raw)
     return model.eval()
 
@@ -71,6 +80,14 @@ def _batches(cfg: DictConfig, datamodule: Any) -> List[Tuple[torch.Tensor, torch
     return batches
 
 
+def _layer_index(layer: int, depth: int) -> int:
+    """0-based index of ``layer`` (1-based from the front, or negative from the back)."""
+    index = layer - 1 if layer > 0 else depth + layer
+    if not 0 <= index < depth:
+        raise ConfigError(f"layer={layer} is out of range for a model with {depth} layers")
+    return index
+
+
 @torch.no_grad()
 def analyze_whitebox(cfg: DictConfig, model: torch.nn.Module, datamodule: Any, out: Path) -> Dict[str, Any]:
     rates, zeros = [], []
@@ -82,9 +99,10 @@ def analyze_whitebox(cfg: DictConfig, model: torch.nn.Module, datamodule: Any, o
         batch_rates, batch_zeros = whitebox.layer_measures(trace)
         rates.append(batch_rates)
         zeros.append(batch_zeros)
-        layer_index = cfg.layer - 1 if cfg.layer > 0 else len(trace.layers) + cfg.layer
+        layer_index = _layer_index(cfg.layer, len(trace.layers))
         grid = trace.extras["grid_size"]
-        maps.append(whitebox.cls_attention_maps(trace.layers[layer_index].attention, grid))
+        # every layer's maps (layers, B, heads, gh, gw): the shapes report scores each layer
+        maps.append(torch.stack([whitebox.cls_attention_maps(t.attention, grid) for t in trace.layers]))
         if masks is not None:
             gt_masks.append(masks)
         if shown is None:
@@ -97,9 +115,11 @@ def analyze_whitebox(cfg: DictConfig, model: torch.nn.Module, datamodule: Any, o
         writer.writeheader()
         writer.writerows(stats)
     whitebox.plot_layerwise(stats, out / "layerwise.png")
-    maps_all = torch.cat(maps)
+    maps_by_layer = torch.cat(maps, dim=1)
+    maps_all = maps_by_layer[layer_index]
     figure_maps = maps_all[: len(shown)]
-    figure_masks = whitebox.dino_masks(figure_maps, keep=cfg.keep)
+    # the figure shows exactly the masks that are scored
+    figure_masks = whitebox.attention_masks(figure_maps, shown.shape[-2:], cfg.keep, cfg.upsample)
     whitebox.plot_attention_grid(
         _denormalize(shown, datamodule), figure_maps, figure_masks, out / "attention.png"
     )
@@ -110,7 +130,14 @@ def analyze_whitebox(cfg: DictConfig, model: torch.nn.Module, datamodule: Any, o
         "figures": {"layerwise": "layerwise.png", "attention": "attention.png"},
     }
     if gt_masks:
-        report["segmentation"] = whitebox.segmentation_scores(maps_all, torch.cat(gt_masks), keep=cfg.keep)
+        gt = torch.cat(gt_masks)
+        report["segmentation"] = whitebox.segmentation_scores(maps_all, gt, cfg.keep, cfg.upsample)
+        # every layer with the same rule: shows where in depth the object emerges
+        by_layer = []
+        for index, layer_maps in enumerate(maps_by_layer):
+            scores = whitebox.segmentation_scores(layer_maps, gt, cfg.keep, cfg.upsample)
+            by_layer.append({"layer": index + 1, **{k: scores[k] for k in _LAYER_KEYS}})
+        report["segmentation"]["by_layer"] = by_layer
     if mae_outputs is not None:
         trace, images = mae_outputs
         n = len(images)
@@ -132,20 +159,25 @@ def analyze_whitebox(cfg: DictConfig, model: torch.nn.Module, datamodule: Any, o
     return report
 
 
-def _features(model: torch.nn.Module, loader: Any, limit: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    feats, labels, seen = [], [], 0
+def _features(
+    model: torch.nn.Module, dataset: Any, limit: int, batch_size: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Pooled features (the class token, or the model's pre-logits) and labels of ``limit``
+    images of ``dataset``, drawn at random with a fixed seed: a class-sorted dataset (image
+    folders) would otherwise give only its first classes."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:limit]
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, order.tolist()), batch_size=batch_size
+    )
+    feats, labels = [], []
     for batch in loader:
-        images = batch[0]
-        tokens = model.forward_features(images)
+        tokens = model.forward_features(batch[0])
         pooled = (
             model.forward_head(tokens, pre_logits=True) if hasattr(model, "forward_head") else tokens[:, 0]
         )
         feats.append(pooled)
         labels.append(batch[1])
-        seen += len(images)
-        if seen >= limit:
-            break
-    return torch.cat(feats)[:limit], torch.cat(labels)[:limit]
+    return torch.cat(feats), torch.cat(labels)
 
 
 @torch.no_grad()
@@ -181,9 +213,13 @@ def linear_probe_accuracy(
 
 @torch.no_grad()
 def analyze_knn(cfg: DictConfig, model: torch.nn.Module, datamodule: Any) -> Dict[str, Any]:
+    # The k-NN memory and the probe see training images as validation images are seen, without
+    # the random crops and flips of training (as in DINO's k-NN evaluation).
+    if hasattr(datamodule, "eval_transform"):
+        datamodule.train_transform = datamodule.eval_transform
     datamodule.setup("fit")
-    train_x, train_y = _features(model, datamodule.train_dataloader(), cfg.num_train_images)
-    val_x, val_y = _features(model, datamodule.val_dataloader(), cfg.num_images)
+    train_x, train_y = _features(model, datamodule.train_set, cfg.num_train_images, cfg.batch_size)
+    val_x, val_y = _features(model, datamodule.val_set, cfg.num_images, cfg.batch_size)
     with torch.enable_grad():
         probe = linear_probe_accuracy(train_x, train_y, val_x, val_y)
     return {

@@ -83,7 +83,8 @@ class WhiteboxMonitor(L.Callback):
         path = whitebox.plot_attention_grid(
             pictures,
             shown,
-            whitebox.dino_masks(shown),
+            # the masks crate-analyze scores (its defaults: keep 0.6, bilinear)
+            whitebox.attention_masks(shown, pictures.shape[-2:]),
             folder / f"attention-epoch{trainer.current_epoch:03d}.png",
         )
         metrics["whitebox/seconds"] = time.perf_counter() - started

@@ -32,6 +32,9 @@ __all__ = [
     "cls_attention_maps",
     "dino_masks",
     "upsample_masks",
+    "upsample_maps",
+    "UPSAMPLE_MODES",
+    "attention_masks",
     "iou",
     "centre_box_mask",
     "segmentation_scores",
@@ -187,19 +190,56 @@ def centre_box_mask(image_size: Tuple[int, int], device: Optional[torch.device] 
     return box
 
 
-def segmentation_scores(maps: Tensor, gt_masks: Tensor, keep: float = 0.6) -> Dict[str, Any]:
+# How attention maps on the patch grid become pixel masks (see :func:`attention_masks`).
+UPSAMPLE_MODES: Tuple[str, ...] = ("bilinear", "nearest")
+
+
+def upsample_maps(maps: Tensor, image_size: Tuple[int, int]) -> Tensor:
+    """Bilinear upsampling of attention maps (..., gh, gw) -> float32 (..., H, W).
+
+    Pixel centres are interpolated between patch centres (``align_corners=False``), so a value
+    sits at the centre of its patch, as it does in the image.
+    """
+    lead = maps.shape[:-2]
+    flat = maps.detach().reshape(-1, 1, *maps.shape[-2:]).to(torch.float32)
+    size = (int(image_size[0]), int(image_size[1]))
+    up = F.interpolate(flat, size=size, mode="bilinear", align_corners=False)
+    return up.reshape(*lead, *up.shape[-2:])
+
+
+def attention_masks(
+    maps: Tensor, image_size: Tuple[int, int], keep: float = 0.6, upsample: str = "bilinear"
+) -> Tensor:
+    """Pixel masks (..., H, W) of attention maps (..., gh, gw) keeping a share ``keep`` of the mass.
+
+    ``nearest``: :func:`dino_masks` on the patch grid, each kept patch painted as a block (DINO's
+    ``visualize_attention.py``). ``bilinear``: the map is first interpolated to pixel resolution
+    (:func:`upsample_maps`) and the same mass rule picks pixels. On a coarse grid (the 4 x 4 or
+    8 x 8 of a 32 px demo) a patch is a large part of an object, so block masks cannot follow its
+    outline; interpolation uses the neighbouring patches to place the boundary inside a patch.
+    """
+    if upsample == "nearest":
+        return upsample_masks(dino_masks(maps, keep), image_size)
+    if upsample == "bilinear":
+        return dino_masks(upsample_maps(maps, image_size), keep)
+    raise ValueError(f"upsample must be one of {UPSAMPLE_MODES}, got {upsample!r}")
+
+
+def segmentation_scores(
+    maps: Tensor, gt_masks: Tensor, keep: float = 0.6, upsample: str = "bilinear"
+) -> Dict[str, Any]:
     """Score CLS attention maps (B, heads, gh, gw) against ground-truth masks (B, H, W).
 
-    Each head's map is thresholded with :func:`dino_masks` and upsampled (nearest) to H x W.
+    Each head's map becomes an H x W mask with :func:`attention_masks` (``keep``, ``upsample``).
     Returns plain floats/lists: ``per_head_iou`` (mean IoU over the batch, per head),
     ``best_head`` (index of the head with the highest mean IoU) and ``best_head_iou``,
     ``union_iou`` (mean IoU of the union of all heads' masks), and the baselines
     ``all_foreground_iou`` (every pixel foreground) and ``centre_box_iou``
-    (see :func:`centre_box_mask`).
+    (see :func:`centre_box_mask`), plus the ``keep`` and ``upsample`` used.
     """
     gt = gt_masks.bool()
     size = (gt.shape[-2], gt.shape[-1])
-    pred = upsample_masks(dino_masks(maps, keep), size)  # (B, heads, H, W)
+    pred = attention_masks(maps, size, keep, upsample)  # (B, heads, H, W)
     per_head = iou(pred, gt.unsqueeze(1)).mean(0)  # (heads,)
     best = int(torch.argmax(per_head))
     union = iou(pred.any(dim=1), gt).mean()
@@ -212,6 +252,8 @@ def segmentation_scores(maps: Tensor, gt_masks: Tensor, keep: float = 0.6) -> Di
         union_iou=float(union),
         all_foreground_iou=float(full),
         centre_box_iou=float(box),
+        keep=float(keep),
+        upsample=upsample,
     )
 
 
@@ -310,7 +352,8 @@ def plot_layerwise(stats: Sequence[Dict[str, float]], path: PathLike) -> Path:
 
 def plot_attention_grid(images: Tensor, maps: Tensor, masks: Optional[Tensor], path: PathLike) -> Path:
     """Rows: images; columns: the image, then each head's CLS attention map (nearest-upsampled
-    heatmap). With ``masks`` (B, heads, gh, gw) bool, each image gets a second row with every
+    heatmap). With ``masks`` bool, on the patch grid (B, heads, gh, gw) or at pixel resolution
+    (B, heads, H, W, e.g. from :func:`attention_masks`), each image gets a second row with every
     head's mask overlaid on the image."""
     b, heads = maps.shape[:2]
     size = (images.shape[-2], images.shape[-1])

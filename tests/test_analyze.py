@@ -117,29 +117,29 @@ def _check_knn(out: Path, model: str) -> None:
     assert 0.0 <= report["knn"]["top1"] <= 1.0 and 0.0 <= report["linear_probe"]["top1"] <= 1.0
 
 
-@pytest.mark.slow
-def test_knn_of_a_crate_mae_encoder_and_of_its_linear_probe(tmp_path):
+def _train_then_knn(tmp_path: Path, name: str, args: list, model: str) -> Path:
+    """Train a tiny run with ``args``, then ``crate-analyze task=knn`` on its last checkpoint."""
     small = ["data.train_size=96", "data.val_size=32", "data.batch_size=16", "trainer.max_epochs=1"]
-    quiet = ["trainer.enable_progress_bar=false"]
-    # a CRATE-MAE pre-training checkpoint: features are the encoder's class token
-    mae = ["task=mae", "model=mae_crate_micro"]
-    train = run("crate-train", *mae, *small, *quiet, f"hydra.run.dir={tmp_path / 'mae'}", cwd=tmp_path)
+    train = run(
+        "crate-train", *args, *small, "trainer.enable_progress_bar=false",
+        f"hydra.run.dir={tmp_path / name}", cwd=tmp_path,
+    )  # fmt: skip
     assert train.returncode == 0, train.stderr[-2000:]
-    mae_ckpt = tmp_path / "mae" / "checkpoints" / "last.ckpt"
-    out = tmp_path / "mae_knn"
-    proc = run("crate-analyze", f"ckpt_path={mae_ckpt}", *KNN, f"hydra.run.dir={out}", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    _check_knn(out, "CrateMAE")
-
-    # the encoder with a linear-probe head: a classification checkpoint of a CRATE-MAE model
-    probe = ["task=linear_probe", "model=mae_crate_micro", f"model.pretrained={mae_ckpt}"]
-    train = run("crate-train", *probe, *small, *quiet, f"hydra.run.dir={tmp_path / 'probe'}", cwd=tmp_path)
-    assert train.returncode == 0, train.stderr[-2000:]
-    ckpt = tmp_path / "probe" / "checkpoints" / "last.ckpt"
-    out = tmp_path / "probe_knn"
+    ckpt = tmp_path / name / "checkpoints" / "last.ckpt"
+    out = tmp_path / f"{name}_knn"
     proc = run("crate-analyze", f"ckpt_path={ckpt}", *KNN, f"hydra.run.dir={out}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    _check_knn(out, "CrateMAEClassifier")
+    _check_knn(out, model)
+    return ckpt
+
+
+@pytest.mark.slow
+def test_knn_of_a_crate_mae_encoder_and_of_its_linear_probe(tmp_path):
+    # a CRATE-MAE pre-training checkpoint: features are the encoder's class token
+    mae_ckpt = _train_then_knn(tmp_path, "mae", ["task=mae", "model=mae_crate_micro"], "CrateMAE")
+    # the encoder with a linear-probe head: a classification checkpoint of a CRATE-MAE model
+    probe = ["task=linear_probe", "model=mae_crate_micro", f"model.pretrained={mae_ckpt}"]
+    _train_then_knn(tmp_path, "probe", probe, "CrateMAEClassifier")
 
     # a released-layout CRATE-MAE file, with model= named
     torch.save(create_model("mae_crate_micro").state_dict(), tmp_path / "mae.pth")

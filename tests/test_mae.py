@@ -16,7 +16,7 @@ from crate_lit.models import (
     to_released_state_dict,
 )
 from crate_lit.models.crate_mae import sincos_pos_embed_2d
-from test_models import layer_norm, plain_ista, plain_mssa
+from test_models import layer_norm, plain_layers, plain_mssa
 
 PUBLISHED = {  # name -> (all params, trainable params)
     "mae_crate_tiny": (11_555_328, 11_404_032),
@@ -103,16 +103,7 @@ def plain_mae(sd, imgs, noise, mask_ratio, patch, heads, depth, norm_pix_loss=Fa
     seq = torch.cat([kept, sd["mask_token"].expand(B, L - len_keep, D)], 1)
     seq = torch.gather(seq, 1, ids_restore[..., None].expand(-1, -1, D))
     x = torch.cat([sd["cls_token"].expand(B, 1, D), seq], 1) + sd["decoder_pos_embed"]
-    for i in range(depth):
-        p = f"blocks.{i}.layers.0."
-        x = x + plain_mssa(
-            layer_norm(x, sd, p + "0.norm."),
-            sd[p + "0.fn.qkv.weight"],
-            sd[p + "0.fn.to_out.0.weight"],
-            sd[p + "0.fn.to_out.0.bias"],
-            heads,
-        )
-        x = plain_ista(layer_norm(x, sd, p + "1.norm."), sd[p + "1.fn.weight"], 0.1, 0.5)
+    x = plain_layers(x, sd, "blocks.{i}.layers.0.", depth, heads, 0.1, 0.5)
     x = layer_norm(x, sd, "norm.", eps=1e-6)
     for i in range(depth):
         p = f"decoder_blocks.{i}.layers.0."

@@ -92,6 +92,22 @@ def plain_ista(x, D, eta, lam):
     return torch.clamp(x + eta * (dt_x - dt_d_x) - eta * lam, min=0)
 
 
+def plain_layers(x, sd, prefix, depth, heads, eta, lam):
+    """The released layer ``prefix.format(i=...)`` applied ``depth`` times: Z + MSSA(LN Z), then
+    ISTA(LN .), reading the released key names."""
+    for i in range(depth):
+        p = prefix.format(i=i)
+        x = x + plain_mssa(
+            layer_norm(x, sd, p + "0.norm."),
+            sd[p + "0.fn.qkv.weight"],
+            sd[p + "0.fn.to_out.0.weight"],
+            sd[p + "0.fn.to_out.0.bias"],
+            heads,
+        )
+        x = plain_ista(layer_norm(x, sd, p + "1.norm."), sd[p + "1.fn.weight"], eta, lam)
+    return x
+
+
 def plain_crate(sd, img, patch, heads, depth, pool="cls", eta=0.1, lam=0.1):
     B, C, H, W = img.shape
     patches = [
@@ -104,16 +120,7 @@ def plain_crate(sd, img, patch, heads, depth, pool="cls", eta=0.1, lam=0.1):
     x = x @ sd["to_patch_embedding.2.weight"].T + sd["to_patch_embedding.2.bias"]
     x = layer_norm(x, sd, "to_patch_embedding.3.")
     x = torch.cat([sd["cls_token"].expand(B, 1, -1), x], 1) + sd["pos_embedding"]
-    for i in range(depth):
-        p = f"transformer.layers.{i}."
-        x = x + plain_mssa(
-            layer_norm(x, sd, p + "0.norm."),
-            sd[p + "0.fn.qkv.weight"],
-            sd[p + "0.fn.to_out.0.weight"],
-            sd[p + "0.fn.to_out.0.bias"],
-            heads,
-        )
-        x = plain_ista(layer_norm(x, sd, p + "1.norm."), sd[p + "1.fn.weight"], eta, lam)
+    x = plain_layers(x, sd, "transformer.layers.{i}.", depth, heads, eta, lam)
     pooled = x[:, 0] if pool == "cls" else x.mean(1)
     pooled = layer_norm(pooled, sd, "mlp_head.0.")
     return pooled @ sd["mlp_head.1.weight"].T + sd["mlp_head.1.bias"], x

@@ -55,12 +55,6 @@ def load_model(cfg: DictConfig) -> torch.nn.Module:
     return model.eval()
 
 
-def _denormalize(images: torch.Tensor, datamodule: Any) -> torch.Tensor:
-    mean = torch.tensor(getattr(datamodule, "mean", (0.5,) * 3)).view(1, 3, 1, 1)
-    std = torch.tensor(getattr(datamodule, "std", (0.5,) * 3)).view(1, 3, 1, 1)
-    return (images * std + mean).clamp(0, 1)
-
-
 def _batches(cfg: DictConfig, datamodule: Any) -> List[Tuple[torch.Tensor, torch.Tensor, Any]]:
     """Up to ``num_images`` validation images (with ground-truth masks on shapes)."""
     datamodule.setup("validate")
@@ -121,7 +115,7 @@ def analyze_whitebox(cfg: DictConfig, model: torch.nn.Module, datamodule: Any, o
     # the figure shows exactly the masks that are scored
     figure_masks = whitebox.attention_masks(figure_maps, shown.shape[-2:], cfg.keep, cfg.upsample)
     whitebox.plot_attention_grid(
-        _denormalize(shown, datamodule), figure_maps, figure_masks, out / "attention.png"
+        whitebox.denormalize(shown, datamodule), figure_maps, figure_masks, out / "attention.png"
     )
     report: Dict[str, Any] = {
         "layerwise": stats,
@@ -131,30 +125,24 @@ def analyze_whitebox(cfg: DictConfig, model: torch.nn.Module, datamodule: Any, o
     }
     if gt_masks:
         gt = torch.cat(gt_masks)
-        report["segmentation"] = whitebox.segmentation_scores(maps_all, gt, cfg.keep, cfg.upsample)
         # every layer with the same rule: shows where in depth the object emerges
-        by_layer = []
-        for index, layer_maps in enumerate(maps_by_layer):
-            scores = whitebox.segmentation_scores(layer_maps, gt, cfg.keep, cfg.upsample)
-            by_layer.append({"layer": index + 1, **{k: scores[k] for k in _LAYER_KEYS}})
+        scores = [whitebox.segmentation_scores(m, gt, cfg.keep, cfg.upsample) for m in maps_by_layer]
+        report["segmentation"] = dict(scores[layer_index])
+        by_layer = [{"layer": i + 1, **{k: s[k] for k in _LAYER_KEYS}} for i, s in enumerate(scores)]
         report["segmentation"]["by_layer"] = by_layer
     if mae_outputs is not None:
         trace, images = mae_outputs
         n = len(images)
-        recon = model.unpatchify(trace.output[:n])
-        patch_mask = trace.extras["mask"][:n]
-        patch_dim = model.patchify(images).shape[-1]
-        pixel_mask = model.unpatchify(patch_mask.unsqueeze(-1).expand(-1, -1, patch_dim))
-        masked = images * (1 - pixel_mask)
+        masked, recon = model.reconstruction_images(images, trace.output[:n], trace.extras["mask"][:n])
         whitebox.plot_reconstructions(
-            _denormalize(images, datamodule),
-            _denormalize(masked, datamodule),
-            _denormalize(recon, datamodule),
+            whitebox.denormalize(images, datamodule),
+            whitebox.denormalize(masked, datamodule),
+            whitebox.denormalize(recon, datamodule),
             out / "reconstructions.png",
         )
         features = trace.layers[-1].subspace[:n, :, 1:].transpose(1, 2).flatten(2)
         pca = whitebox.pca_feature_maps(features, trace.extras["grid_size"])
-        whitebox.plot_pca_maps(_denormalize(images, datamodule), pca, out / "pca.png")
+        whitebox.plot_pca_maps(whitebox.denormalize(images, datamodule), pca, out / "pca.png")
         report["figures"].update({"reconstructions": "reconstructions.png", "pca": "pca.png"})
     return report
 

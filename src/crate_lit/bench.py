@@ -50,27 +50,21 @@ def _build(kind: str, args: argparse.Namespace) -> torch.nn.Module:
     reference = create_model(args.model, img_size=args.img_size)
     if kind == "crate":
         return reference
+    # the reference's shape, for the plain CRATE and for timm's ViT of the same width and depth
+    shape = dict(
+        img_size=args.img_size,
+        patch_size=reference.patch_embed.patch_size,
+        num_classes=reference.num_classes,
+        embed_dim=reference.embed_dim,
+        depth=len(reference.blocks),
+        num_heads=reference.blocks[0].mssa.num_heads,
+    )
     if kind == "plain":
-        plain = PlainCrate(
-            img_size=args.img_size,
-            patch_size=reference.patch_embed.patch_size,
-            num_classes=reference.num_classes,
-            embed_dim=reference.embed_dim,
-            depth=len(reference.blocks),
-            num_heads=reference.blocks[0].mssa.num_heads,
-        )
+        plain = PlainCrate(**shape)
         plain.load_state_dict(reference.state_dict())
         return plain
     if kind == "vit_same":
-        return timm.create_model(
-            "vit_small_patch16_224",
-            img_size=args.img_size,
-            patch_size=reference.patch_embed.patch_size,
-            embed_dim=reference.embed_dim,
-            depth=len(reference.blocks),
-            num_heads=reference.blocks[0].mssa.num_heads,
-            num_classes=reference.num_classes,
-        )
+        return timm.create_model("vit_small_patch16_224", **shape)
     if kind == "vit_tiny":
         return timm.create_model(
             "vit_tiny_patch16_224",

@@ -76,9 +76,7 @@ class WhiteboxMonitor(L.Callback):
             metrics[f"whitebox/sparsity_l{layer['layer']}"] = layer["sparsity_mean"]
         maps = whitebox.cls_attention_maps(trace.layers[-1].attention, trace.extras["grid_size"])
         shown = maps[: self.figure_images]
-        mean = torch.tensor(getattr(trainer.datamodule, "mean", (0.5,) * 3)).view(1, 3, 1, 1)
-        std = torch.tensor(getattr(trainer.datamodule, "std", (0.5,) * 3)).view(1, 3, 1, 1)
-        pictures = (images[: self.figure_images].cpu() * std + mean).clamp(0, 1)
+        pictures = whitebox.denormalize(images[: self.figure_images], trainer.datamodule)
         folder = Path(trainer.default_root_dir) / "whitebox"
         path = whitebox.plot_attention_grid(
             pictures,

@@ -183,25 +183,12 @@ class CrateMAEPretrainer(L.LightningModule):
 
         images = self._shown
         _, pred, mask = self(images, self._noise(len(images), 0, 1))
-        patch_dim = pred.shape[-1]
-        pixel_mask = self.model.unpatchify(mask.unsqueeze(-1).expand(-1, -1, patch_dim))
-        reconstruction = self.model.unpatchify(pred)
-        if self.model.norm_pix_loss:  # predictions are per-patch normalised: undo with the target's stats
-            target = self.model.patchify(images)
-            mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
-            reconstruction = self.model.unpatchify(pred * (var + 1.0e-6) ** 0.5 + mean)
-        reconstruction = images * (1 - pixel_mask) + reconstruction * pixel_mask
+        masked, reconstruction = self.model.reconstruction_images(images, pred, mask, paste_visible=True)
         datamodule = self.trainer.datamodule
-        mean = torch.tensor(getattr(datamodule, "mean", (0.5,) * 3), device=images.device).view(1, 3, 1, 1)
-        std = torch.tensor(getattr(datamodule, "std", (0.5,) * 3), device=images.device).view(1, 3, 1, 1)
-
-        def show(x: torch.Tensor) -> torch.Tensor:
-            return (x * std + mean).clamp(0, 1).float().cpu()
-
         path = whitebox.plot_reconstructions(
-            show(images),
-            show(images * (1 - pixel_mask)),
-            show(reconstruction),
+            whitebox.denormalize(images, datamodule),
+            whitebox.denormalize(masked, datamodule),
+            whitebox.denormalize(reconstruction, datamodule),
             Path(self.trainer.default_root_dir) / "reconstructions" / f"epoch{self.current_epoch:03d}.png",
         )
         log_image_file(self.trainer.loggers, "mae/reconstructions", path, self.global_step)

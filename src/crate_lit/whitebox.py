@@ -35,6 +35,7 @@ __all__ = [
     "upsample_maps",
     "UPSAMPLE_MODES",
     "attention_masks",
+    "denormalize",
     "iou",
     "centre_box_mask",
     "segmentation_scores",
@@ -292,6 +293,14 @@ def pca_masks(pca_maps: Tensor, threshold: float = 0.5) -> Tensor:
 
 
 # -- figures --------------------------------------------------------------------------------
+def denormalize(images: Tensor, datamodule: Any) -> Tensor:
+    """Images back to [0, 1] with the data module's ``mean``/``std`` (0.5 when it has none),
+    as float32 on the CPU, ready to plot."""
+    mean = torch.tensor(getattr(datamodule, "mean", (0.5,) * 3)).view(1, 3, 1, 1)
+    std = torch.tensor(getattr(datamodule, "std", (0.5,) * 3)).view(1, 3, 1, 1)
+    return (images.detach().float().cpu() * std + mean).clamp(0, 1)
+
+
 def _figure(rows: int, cols: int, panel: float = 1.6, **kwargs: Any):
     import matplotlib
 

@@ -228,6 +228,23 @@ class CrateMAE(nn.Module):
         pred = self.forward_decoder(latent)
         return self.forward_loss(imgs, pred, mask), pred, mask
 
+    def reconstruction_images(
+        self, imgs: Tensor, pred: Tensor, mask: Tensor, paste_visible: bool = False
+    ) -> Tuple[Tensor, Tensor]:
+        """For showing a forward pass: the masked input (removed patches zeroed) and the
+        reconstruction as images (B, C, H, W), with ``paste_visible`` the visible patches taken
+        from the input; with ``norm_pix_loss`` the per-patch normalisation of the prediction is
+        undone with the target's statistics."""
+        if self.norm_pix_loss:
+            target = self.patchify(imgs)
+            mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+            pred = pred * (var + 1.0e-6) ** 0.5 + mean
+        pixel_mask = self.unpatchify(mask.unsqueeze(-1).expand(-1, -1, pred.shape[-1]).to(imgs.dtype))
+        reconstruction = self.unpatchify(pred)
+        if paste_visible:
+            reconstruction = imgs * (1 - pixel_mask) + reconstruction * pixel_mask
+        return imgs * (1 - pixel_mask), reconstruction
+
     def forward_features(self, imgs: Tensor) -> Tensor:
         """Encoder output for the whole, unmasked image: (B, 1 + L, d)."""
         return self.forward_encoder(imgs, mask_ratio=0.0)[0]

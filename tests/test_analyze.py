@@ -54,6 +54,8 @@ def test_analysis_of_a_trained_model_and_a_released_file(tmp_path):
     train = run(
         "crate-train",
         "model=crate_micro",
+        "data.image_size=32",
+        "data.shape_scale=[0.5,0.9]",
         "data.train_size=64",
         "data.val_size=32",
         "data.batch_size=16",
@@ -76,6 +78,10 @@ def test_analysis_of_a_trained_model_and_a_released_file(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = _check_report(out, depth=2)
     assert report["num_images"] == 32
+    # the run's data settings, not data/shapes.yaml's defaults (other image size and scale),
+    # except what the command line gives (val_size is the run's: 32 images)
+    assert report["data"]["image_size"] == 32 and report["data"]["shape_scale"] == [0.5, 0.9]
+    assert report["data"]["val_size"] == 32
     with Image.open(out / "attention.png") as image:  # 3 images x 2 rows, image + 2 heads
         assert image.size[0] < image.size[1]
     seg = report["segmentation"]

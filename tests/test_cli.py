@@ -91,6 +91,7 @@ def test_short_run_writes_checkpoint_metrics_and_summary(tmp_path):
         ("data.num_classes=40", "num_classes"),
         ("model.pretrained=/nonexistent/ckpt.pth", "checkpoint not found"),
         ("model.name=mae_crate_micro", "is a CRATE-MAE model"),
+        ("data.shape_scale=[0.9,0.5]", "shape_scale must be [min, max]"),
     ],
 )
 def test_config_value_typos_give_one_line_errors(tmp_path, override, expected):

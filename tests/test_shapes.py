@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from crate_lit.data.datamodules import ShapesDataModule
 from crate_lit.data.shapes import (
     CLASS_NAMES,
     ShapesDataset,
@@ -166,6 +167,11 @@ def test_materialized_labels_match_getitem() -> None:
         ({"split": "training"}, r"split must be one of \('train', 'val', 'test'\)"),
         ({"size": 0}, "size must be >= 1"),
         ({"seed": -1}, "seed must be >= 0"),
+        ({"shape_scale": (0.9, 0.5)}, r"shape_scale must be \[min, max\] with 0 < min <= max <= 1"),
+        ({"shape_scale": (0.0, 0.5)}, "shape_scale must be"),
+        ({"shape_scale": (0.5, 1.2)}, "shape_scale must be"),
+        ({"shape_scale": 0.5}, "shape_scale must be"),
+        ({"shape_scale": (0.5,)}, "shape_scale must be"),
     ],
 )
 def test_bad_arguments(kwargs: dict, match: str) -> None:
@@ -237,3 +243,23 @@ def test_dataloader_batches() -> None:
     ds = ShapesDataset(size=10, num_classes=5, return_mask=True)
     x, y, m = next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))
     assert x.shape == (4, 3, 32, 32) and y.tolist() == [0, 1, 2, 3] and m.shape == (4, 32, 32)
+
+
+def test_shape_scale_sets_the_diameter() -> None:
+    """A circle is the easiest known answer: at scale (s, s) its area is pi (s S / 2)^2, and a
+    narrow range keeps every shape inside a disk of that diameter."""
+    size = 48
+    for s in (0.3, 0.6, 0.9):
+        ds = ShapesDataset(size=40, image_size=size, num_classes=10, shape_scale=(s, s), return_mask=True)
+        masks = ds.materialize()[2]
+        circles = masks[ds.materialize()[1] == 0]
+        expected = np.pi * (s * size / 2) ** 2
+        assert np.allclose(circles.sum((1, 2)).numpy(), expected, rtol=0.08)
+        for m in masks:
+            ys, xs = np.nonzero(m.numpy())
+            assert ys.max() - ys.min() + 1 <= s * size + 1 and xs.max() - xs.min() + 1 <= s * size + 1
+
+
+def test_datamodule_rejects_a_bad_shape_scale() -> None:
+    with pytest.raises(ValueError, match=r"shape_scale must be \[min, max\]"):
+        ShapesDataModule(shape_scale=[0.8, 0.4])

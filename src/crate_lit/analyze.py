@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Tuple
 import hydra
 import torch
 import torch.nn.functional as F
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from . import whitebox
@@ -32,13 +33,39 @@ log = logging.getLogger("crate_lit.analyze")
 _LAYER_KEYS = ("best_head", "best_head_iou", "union_iou")
 
 
-def load_model(cfg: DictConfig) -> torch.nn.Module:
-    """The model a checkpoint holds: crate-lit checkpoints name it in their hyper-parameters;
-    for a released file, ``model=NAME`` (e.g. ``model=crate_small``) says which to build."""
+# DataLoader settings are crate-analyze's own, whatever the training run used
+_LOADER_KEYS = ("batch_size", "num_workers", "pin_memory", "persistent_workers")
+
+
+def load_checkpoint(cfg: DictConfig) -> Any:
     path = Path(str(cfg.ckpt_path)).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"ckpt_path={path} does not exist; point it at a .ckpt or released .pth file")
-    raw = torch.load(path, map_location="cpu", weights_only=True)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def inherit_data_settings(cfg: DictConfig, raw: Any) -> List[str]:
+    """Analyse the images the model was trained for: a crate-lit checkpoint's data settings
+    (image size, classes, shape scale...) replace the data config's, except those given on the
+    command line and the loader settings. Applies only when the checkpoint's data module takes
+    the same arguments as ``data=`` (e.g. a shapes run analysed with ``data=shapes``).
+    Returns the keys taken from the checkpoint."""
+    saved = raw.get("datamodule_hyper_parameters") if isinstance(raw, dict) else None
+    if not saved or not set(saved) <= set(cfg.data) - {"name"}:
+        return []
+    given = set()
+    if HydraConfig.initialized():
+        given = {o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
+    taken = [k for k in saved if k not in _LOADER_KEYS and f"data.{k}" not in given]
+    for key in taken:
+        cfg.data[key] = saved[key]
+    return taken
+
+
+def load_model(cfg: DictConfig, raw: Any) -> torch.nn.Module:
+    """The model a checkpoint holds: crate-lit checkpoints name it in their hyper-parameters;
+    for a released file, ``model=NAME`` (e.g. ``model=crate_small``) says which to build."""
+    path = Path(str(cfg.ckpt_path)).expanduser()
     hparams = (raw.get("hyper_parameters") or {}) if isinstance(raw, dict) else {}
     model_cfg = hparams.get("model")
     if model_cfg is None:
@@ -221,7 +248,9 @@ def analyze_knn(cfg: DictConfig, model: torch.nn.Module, datamodule: Any) -> Dic
 def run(cfg: DictConfig) -> Dict[str, Any]:
     out = Path(cfg.paths.output_dir)
     try:
-        model = load_model(cfg)
+        raw = load_checkpoint(cfg)
+        model = load_model(cfg, raw)
+        inherit_data_settings(cfg, raw)
         datamodule = build_datamodule(cfg)
         if cfg.task not in ("whitebox", "knn"):
             raise ConfigError(f"unknown task {cfg.task!r}; choose whitebox or knn")
@@ -232,7 +261,13 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
         if cfg.task == "whitebox"
         else analyze_knn(cfg, model, datamodule)
     )
-    report = {"task": cfg.task, "ckpt_path": str(cfg.ckpt_path), "model": type(model).__name__, **report}
+    report = {
+        "task": cfg.task,
+        "ckpt_path": str(cfg.ckpt_path),
+        "model": type(model).__name__,
+        "data": to_container(cfg.data),
+        **report,
+    }
     path = out / "report.json"
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"report:  {path}")

@@ -215,8 +215,8 @@ def attention_masks(
 
     ``nearest``: :func:`dino_masks` on the patch grid, each kept patch painted as a block (DINO's
     ``visualize_attention.py``). ``bilinear``: the map is first interpolated to pixel resolution
-    (:func:`upsample_maps`) and the same mass rule picks pixels. On a coarse grid (the 4 x 4 or
-    8 x 8 of a 32 px demo) a patch is a large part of an object, so block masks cannot follow its
+    (:func:`upsample_maps`) and the same mass rule picks pixels. On a coarse grid (the 6 x 6 of
+    the 48 px demo) a patch is a large part of an object, so block masks cannot follow its
     outline; interpolation uses the neighbouring patches to place the boundary inside a patch.
     """
     if upsample == "nearest":

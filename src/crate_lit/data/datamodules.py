@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2 as T
 
-from .shapes import ShapesDataset
+from .shapes import DEFAULT_SCALE, ShapesDataset
 
 
 class DataError(ValueError):
@@ -113,6 +113,7 @@ class ShapesDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         persistent_workers: bool = False,
         augment: bool = True,
+        shape_scale: Tuple[float, float] = DEFAULT_SCALE,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -132,7 +133,7 @@ class ShapesDataModule(L.LightningDataModule):
         self.train_set: Optional[Dataset] = None
         self.val_set: Optional[Dataset] = None
         # fail at construction, not in a worker, on impossible arguments
-        ShapesDataset("val", size=1, image_size=image_size, num_classes=num_classes)
+        ShapesDataset("val", size=1, image_size=image_size, num_classes=num_classes, shape_scale=shape_scale)
 
     def _dataset(self, split: str, size: int, transform: Any) -> ShapesDataset:
         hp = self.hparams
@@ -143,6 +144,7 @@ class ShapesDataModule(L.LightningDataModule):
             num_classes=hp.num_classes,
             seed=hp.seed,
             transform=transform,
+            shape_scale=hp.shape_scale,
         )
         dataset.materialize()  # generate once, before workers fork
         return dataset

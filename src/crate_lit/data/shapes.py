@@ -22,7 +22,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["CLASS_NAMES", "MIN_IMAGE_SIZE", "SPLIT_IDS", "ShapesDataset", "render_shape_image"]
+__all__ = [
+    "CLASS_NAMES",
+    "DEFAULT_SCALE",
+    "MIN_IMAGE_SIZE",
+    "SPLIT_IDS",
+    "ShapesDataset",
+    "render_shape_image",
+]
 
 # Label order matters: ``num_classes=k`` uses the first k names. The most confusable shapes at
 # low resolution (pentagon, hexagon, both close to a circle) come last so the default 10-class
@@ -45,9 +52,8 @@ CLASS_NAMES: tuple[str, ...] = (
 SPLIT_IDS: dict[str, int] = {"train": 0, "val": 1, "test": 2}
 MIN_IMAGE_SIZE = 16
 
-# Shape diameter as a fraction of the image side.
-_MIN_SCALE = 0.5
-_MAX_SCALE = 0.9
+# Default range of the shape diameter as a fraction of the image side.
+DEFAULT_SCALE: tuple[float, float] = (0.5, 0.9)
 # Minimum RGB (0..255) Euclidean distance between the shape colour and every background pixel
 # it covers; keeps the shape visible against the local background.
 _MIN_CONTRAST = 90.0
@@ -201,12 +207,27 @@ def _render_background(rng: np.random.Generator, image_size: int) -> np.ndarray:
     return np.clip(out, 0, 255).astype(np.uint8)
 
 
-def _shape_pose_mask(rng: np.random.Generator, name: str, image_size: int) -> np.ndarray:
+def _check_scale(scale: object) -> tuple[float, float]:
+    message = (
+        f"shape_scale must be [min, max] with 0 < min <= max <= 1 (fractions of the image side), got {scale}"
+    )
+    try:
+        low, high = (float(v) for v in scale)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        raise ValueError(message) from None
+    if not 0.0 < low <= high <= 1.0:
+        raise ValueError(message)
+    return low, high
+
+
+def _shape_pose_mask(
+    rng: np.random.Generator, name: str, image_size: int, scale: tuple[float, float] = DEFAULT_SCALE
+) -> np.ndarray:
     """Rasterise shape ``name`` with random scale, rotation and position; returns a bool mask."""
     s = float(image_size)
     xs, ys = _pixel_grid(image_size)
     for _ in range(16):
-        radius = rng.uniform(_MIN_SCALE, _MAX_SCALE) * s / 2.0
+        radius = rng.uniform(scale[0], scale[1]) * s / 2.0
         cx, cy = rng.uniform(radius, s - radius, size=2)
         angle = rng.uniform(0.0, 2.0 * math.pi)
         ca, sa = math.cos(angle), math.sin(angle)
@@ -248,15 +269,16 @@ def _pick_colour(rng: np.random.Generator, covered: np.ndarray) -> np.ndarray:
 
 
 def _render(
-    rng: np.random.Generator, label: int, image_size: int
+    rng: np.random.Generator, label: int, image_size: int, scale: tuple[float, float] = DEFAULT_SCALE
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Render one sample; returns (image HxWx3 uint8, mask HxW bool, background HxWx3 uint8)."""
     if not 0 <= label < len(CLASS_NAMES):
         raise ValueError(f"label must be in [0, {len(CLASS_NAMES) - 1}], got {label}")
     if image_size < MIN_IMAGE_SIZE:
         raise ValueError(f"image_size must be >= {MIN_IMAGE_SIZE}, got {image_size}")
+    scale = _check_scale(scale)
     background = _render_background(rng, image_size)
-    mask = _shape_pose_mask(rng, CLASS_NAMES[label], image_size)
+    mask = _shape_pose_mask(rng, CLASS_NAMES[label], image_size, scale)
     colour = _pick_colour(rng, background[mask])
     image = background.copy()
     image[mask] = colour
@@ -264,18 +286,22 @@ def _render(
 
 
 def render_shape_image(
-    rng: np.random.Generator, label: int, image_size: int
+    rng: np.random.Generator, label: int, image_size: int, scale: tuple[float, float] = DEFAULT_SCALE
 ) -> tuple[np.ndarray, np.ndarray]:
     """Render one image of class ``label``; returns (uint8 HxWx3 image, bool HxW mask).
 
-    The mask is exactly the set of pixels painted with the (single) shape colour.
+    ``scale``: range of the shape's diameter as a fraction of the image side. The mask is
+    exactly the set of pixels painted with the (single) shape colour.
     """
-    image, mask, _ = _render(rng, label, image_size)
+    image, mask, _ = _render(rng, label, image_size, scale)
     return image, mask
 
 
 class ShapesDataset(Dataset):
     """Deterministic procedural dataset of geometric shapes on cluttered backgrounds.
+
+    ``shape_scale``: range of a shape's diameter as a fraction of the image side; each shape
+    is placed uniformly wherever it fits.
 
     ``__getitem__`` returns ``(image, label)`` (or ``(image, label, mask)`` with
     ``return_mask=True``), where ``image`` is float32 [3, H, W] in [0, 1]. The whole split is
@@ -291,6 +317,7 @@ class ShapesDataset(Dataset):
         seed: int = 0,
         return_mask: bool = False,
         transform: Callable | None = None,
+        shape_scale: tuple[float, float] = DEFAULT_SCALE,
     ) -> None:
         if split not in SPLIT_IDS:
             raise ValueError(f"split must be one of {tuple(SPLIT_IDS)}, got {split!r}")
@@ -302,6 +329,7 @@ class ShapesDataset(Dataset):
             raise ValueError(f"num_classes must be in [2, {len(CLASS_NAMES)}], got {num_classes}")
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
+        self.shape_scale = _check_scale(shape_scale)
         self.split = split
         self.size = int(size)
         self.image_size = int(image_size)
@@ -321,7 +349,7 @@ class ShapesDataset(Dataset):
         self._check_index(index)
         rng = np.random.default_rng([self.seed, SPLIT_IDS[self.split], index])
         label = self.label_of(index)
-        image, mask = render_shape_image(rng, label, self.image_size)
+        image, mask = render_shape_image(rng, label, self.image_size, self.shape_scale)
         return image, label, mask
 
     def materialize(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -424,7 +424,8 @@ CRATE_CONFIGS: Dict[str, Dict[str, Any]] = {
     # the CPAL emergent-segmentation demo model: CRATE-B/8 with 6 heads
     "crate_base_patch8": dict(embed_dim=768, depth=12, num_heads=6, patch_size=8),
     "crate_large_patch8": dict(embed_dim=1024, depth=24, num_heads=16, patch_size=8),
-    # CPU-sized: 32 px images, for the demo (mini) and the tests (micro)
+    # CPU-sized, for the demo (mini) and the tests (micro); 32 px here, the Hydra configs take
+    # the data config's image size (48 px on data=shapes)
     "crate_mini": dict(embed_dim=192, depth=4, num_heads=6, img_size=32, patch_size=8, num_classes=10),
     "crate_micro": dict(embed_dim=32, depth=2, num_heads=2, img_size=32, patch_size=8, num_classes=10),
 }

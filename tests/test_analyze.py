@@ -154,3 +154,25 @@ def test_knn_of_a_crate_mae_encoder_and_of_its_linear_probe(tmp_path):
     proc = run("crate-analyze", *mae_file, *KNN, f"hydra.run.dir={out}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     _check_knn(out, "CrateMAE")
+
+
+def test_a_checkpoint_brings_its_data_settings():
+    """A shapes run's checkpoint sets the analysed images; a setting the checkpoint predates
+    takes the data module's default (what its run used), the loader settings stay."""
+    from omegaconf import OmegaConf
+
+    from crate_lit.analyze import inherit_data_settings
+    from crate_lit.train import config_dir
+
+    cfg = OmegaConf.create({"data": OmegaConf.load(Path(config_dir()) / "data" / "shapes.yaml")})
+    assert cfg.data.image_size == 48 and list(cfg.data.shape_scale) == [0.4, 0.7]
+    old = {"datamodule_hyper_parameters": {"image_size": 32, "num_classes": 4, "batch_size": 8}}
+    taken = inherit_data_settings(cfg, old)
+    assert cfg.data.image_size == 32 and cfg.data.num_classes == 4
+    assert list(cfg.data.shape_scale) == [0.5, 0.9]  # ShapesDataModule's default
+    assert cfg.data.batch_size == 64 and "batch_size" not in taken
+    # another data module's settings (an ImageNet run) leave data=shapes alone
+    cfg2 = OmegaConf.create({"data": OmegaConf.load(Path(config_dir()) / "data" / "shapes.yaml")})
+    imagenet_run = {"datamodule_hyper_parameters": {"root": "/x", "image_size": 224}}
+    assert inherit_data_settings(cfg2, imagenet_run) == []
+    assert cfg2.data.image_size == 48

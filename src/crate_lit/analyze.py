@@ -10,6 +10,7 @@ the segmentation score against the ground-truth masks, and ``report.json`` with 
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 import logging
 import sys
@@ -23,6 +24,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from . import whitebox
+from .data import DATAMODULES
 from .models import CrateMAE, load_pretrained
 from .modules import build_classifier, build_model, to_container
 from .train import USER_ERRORS, ConfigError, build_datamodule, config_dir
@@ -47,18 +49,31 @@ def load_checkpoint(cfg: DictConfig) -> Any:
 def inherit_data_settings(cfg: DictConfig, raw: Any) -> List[str]:
     """Analyse the images the model was trained for: a crate-lit checkpoint's data settings
     (image size, classes, shape scale...) replace the data config's, except those given on the
-    command line and the loader settings. Applies only when the checkpoint's data module takes
-    the same arguments as ``data=`` (e.g. a shapes run analysed with ``data=shapes``).
+    command line and the loader settings. A setting the checkpoint predates takes the data
+    module's default, which is what its run used. Applies only when the checkpoint's data module
+    takes arguments of ``data=``'s (e.g. a shapes run analysed with ``data=shapes``).
     Returns the keys taken from the checkpoint."""
     saved = raw.get("datamodule_hyper_parameters") if isinstance(raw, dict) else None
     if not saved or not set(saved) <= set(cfg.data) - {"name"}:
         return []
+    module = DATAMODULES.get(cfg.data.name)
+    defaults = (
+        {}
+        if module is None
+        else {
+            name: p.default
+            for name, p in inspect.signature(module.__init__).parameters.items()
+            if p.default is not inspect.Parameter.empty
+        }
+    )
     given = set()
     if HydraConfig.initialized():
         given = {o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
-    taken = [k for k in saved if k not in _LOADER_KEYS and f"data.{k}" not in given]
+    settings = {**{k: v for k, v in defaults.items() if k in cfg.data}, **saved}
+    taken = [k for k in settings if k not in _LOADER_KEYS and f"data.{k}" not in given]
     for key in taken:
-        cfg.data[key] = saved[key]
+        value = settings[key]
+        cfg.data[key] = list(value) if isinstance(value, tuple) else value
     return taken
 
 

@@ -125,7 +125,8 @@ def _check_knn(out: Path, model: str) -> None:
 
 def _train_then_knn(tmp_path: Path, name: str, args: list, model: str) -> Path:
     """Train a tiny run with ``args``, then ``crate-analyze task=knn`` on its last checkpoint."""
-    small = ["data.train_size=96", "data.val_size=32", "data.batch_size=16", "trainer.max_epochs=1"]
+    small = ["data.image_size=32", "data.train_size=96", "data.val_size=32", "data.batch_size=16"]
+    small.append("trainer.max_epochs=1")
     train = run(
         "crate-train", *args, *small, "trainer.enable_progress_bar=false",
         f"hydra.run.dir={tmp_path / name}", cwd=tmp_path,
@@ -165,6 +166,7 @@ def test_a_checkpoint_brings_its_data_settings():
     from crate_lit.train import config_dir
 
     cfg = OmegaConf.create({"data": OmegaConf.load(Path(config_dir()) / "data" / "shapes.yaml")})
+    cfg2 = cfg.copy()
     assert cfg.data.image_size == 48 and list(cfg.data.shape_scale) == [0.4, 0.7]
     old = {"datamodule_hyper_parameters": {"image_size": 32, "num_classes": 4, "batch_size": 8}}
     taken = inherit_data_settings(cfg, old)
@@ -172,7 +174,6 @@ def test_a_checkpoint_brings_its_data_settings():
     assert list(cfg.data.shape_scale) == [0.5, 0.9]  # ShapesDataModule's default
     assert cfg.data.batch_size == 64 and "batch_size" not in taken
     # another data module's settings (an ImageNet run) leave data=shapes alone
-    cfg2 = OmegaConf.create({"data": OmegaConf.load(Path(config_dir()) / "data" / "shapes.yaml")})
     imagenet_run = {"datamodule_hyper_parameters": {"root": "/x", "image_size": 224}}
     assert inherit_data_settings(cfg2, imagenet_run) == []
     assert cfg2.data.image_size == 48

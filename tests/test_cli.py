@@ -43,6 +43,15 @@ def crate_train(*args: str, cwd: Path, env: dict | None = None) -> subprocess.Co
     )
 
 
+def one_line_error(proc) -> str:
+    """The last stderr line of a crate-train that stopped at a user error (exit 2, no traceback)."""
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("crate-train: error: ")
+    return lines[-1]
+
+
 @pytest.mark.slow
 def test_short_run_writes_checkpoint_metrics_and_summary(tmp_path):
     proc = crate_train(*QUICK, cwd=tmp_path)
@@ -101,10 +110,7 @@ def test_config_value_typos_give_one_line_errors(tmp_path, override, expected):
     if expected is None:
         assert proc.returncode == 0, proc.stderr[-2000:]
         return
-    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
-    errors = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert "Traceback" not in proc.stderr
-    assert errors[-1].startswith("crate-train: error: ") and expected in errors[-1], proc.stderr
+    assert expected in one_line_error(proc), proc.stderr
 
 
 @pytest.mark.slow

@@ -251,8 +251,8 @@ def test_shape_scale_sets_the_diameter() -> None:
     size = 48
     for s in (0.3, 0.6, 0.9):
         ds = ShapesDataset(size=40, image_size=size, num_classes=10, shape_scale=(s, s), return_mask=True)
-        masks = ds.materialize()[2]
-        circles = masks[ds.materialize()[1] == 0]
+        _, labels, masks = ds.materialize()
+        circles = masks[labels == 0]
         expected = np.pi * (s * size / 2) ** 2
         assert np.allclose(circles.sum((1, 2)).numpy(), expected, rtol=0.08)
         for m in masks:

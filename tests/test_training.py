@@ -13,7 +13,7 @@ import torch
 from wandb.proto import wandb_internal_pb2
 
 from crate_lit.models import create_model, to_released_state_dict
-from test_cli import QUICK, crate_train
+from test_cli import QUICK, crate_train, one_line_error
 from test_folders import _add_truncated, cifar10_root, imagenet_root  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.slow
@@ -33,21 +33,14 @@ IMAGENET_FIXTURE = ["data.num_classes=3", "data.eval_resize=36"]
 NO_MODEL = [arg for arg in QUICK if not arg.startswith("model=")]
 
 
-def _one_line_error(proc) -> str:
-    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert lines[-1].startswith("crate-train: error: ")
-    return lines[-1]
-
-
 def _summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 
 
-def _metric_rows(run_dir: Path, drop: tuple[str, ...] = ("whitebox/seconds",)) -> list[dict]:
-    rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
-    return [{k: v for k, v in row.items() if k not in drop} for row in rows]
+def _metric_rows(run_dir: Path) -> list[dict]:
+    """metrics.csv without its timing column."""
+    with open(run_dir / "metrics.csv", newline="") as handle:
+        return [{k: v for k, v in row.items() if k != "whitebox/seconds"} for row in csv.DictReader(handle)]
 
 
 def _only_run(root: Path) -> Path:
@@ -280,7 +273,7 @@ def test_switches_accumulation_clipping_ema(tmp_path):
     ],
 )
 def test_impossible_combinations_fail_at_start(tmp_path, args, expected):
-    line = _one_line_error(crate_train(*QUICK, *args, cwd=tmp_path))
+    line = one_line_error(crate_train(*QUICK, *args, cwd=tmp_path))
     assert expected in line, line
     assert not list(tmp_path.glob("outputs/*/*/checkpoints"))
 
@@ -289,13 +282,13 @@ def test_broken_files_found_while_training_are_one_line_errors(tmp_path, request
     images, batches = map(request.getfixturevalue, ("imagenet_root", "cifar10_root"))
     bad = _add_truncated(images)
     data = ["data.image_size=32", "data.batch_size=1", "data.num_workers=1", "model=crate_micro"]
-    line = _one_line_error(
+    line = one_line_error(
         crate_train("data=imagenet", f"data.root={images}", *data, *IMAGENET_FIXTURE, cwd=tmp_path)
     )
     assert str(bad) in line and "data.skip_corrupt=true" in line  # raised in a worker, named here
     with open(batches / "cifar-10-batches-py" / "test_batch", "wb") as handle:
         pickle.dump(["not", "a", "batch"], handle)
-    line = _one_line_error(crate_train("data=cifar10", f"data.root={batches}", *data, cwd=tmp_path))
+    line = one_line_error(crate_train("data=cifar10", f"data.root={batches}", *data, cwd=tmp_path))
     assert "test_batch" in line and "not the dict of a CIFAR python batch" in line
 
 
@@ -303,11 +296,11 @@ def test_bad_checkpoints_to_resume_from_are_one_line_errors(tmp_path):
     proc = crate_train(*QUICK, "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'micro'}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = tmp_path / "micro" / "checkpoints" / "last.ckpt"
-    line = _one_line_error(crate_train(*NO_MODEL, "model=crate_mini", f"ckpt_path={last}", cwd=tmp_path))
+    line = one_line_error(crate_train(*NO_MODEL, "model=crate_mini", f"ckpt_path={last}", cwd=tmp_path))
     assert "different model" in line and "crate_mini" in line
     truncated = tmp_path / "truncated.ckpt"
     truncated.write_bytes(last.read_bytes()[:1000])
-    line = _one_line_error(crate_train(*QUICK, f"ckpt_path={truncated}", cwd=tmp_path))
+    line = one_line_error(crate_train(*QUICK, f"ckpt_path={truncated}", cwd=tmp_path))
     assert "not a readable PyTorch checkpoint" in line
 
 

@@ -56,20 +56,15 @@ def inherit_data_settings(cfg: DictConfig, raw: Any) -> List[str]:
     saved = raw.get("datamodule_hyper_parameters") if isinstance(raw, dict) else None
     if not saved or not set(saved) <= set(cfg.data) - {"name"}:
         return []
-    module = DATAMODULES.get(cfg.data.name)
-    defaults = (
-        {}
-        if module is None
-        else {
-            name: p.default
-            for name, p in inspect.signature(module.__init__).parameters.items()
-            if p.default is not inspect.Parameter.empty
-        }
-    )
+    settings = {}  # the data module's defaults, then what the checkpoint saved
+    if cfg.data.name in DATAMODULES:
+        for name, param in inspect.signature(DATAMODULES[cfg.data.name]).parameters.items():
+            if name in cfg.data and param.default is not param.empty:
+                settings[name] = param.default
+    settings.update(saved)
     given = set()
     if HydraConfig.initialized():
         given = {o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
-    settings = {**{k: v for k, v in defaults.items() if k in cfg.data}, **saved}
     taken = [k for k in settings if k not in _LOADER_KEYS and f"data.{k}" not in given]
     for key in taken:
         value = settings[key]
@@ -135,13 +130,13 @@ def analyze_whitebox(cfg: DictConfig, model: torch.nn.Module, datamodule: Any, o
         batch_rates, batch_zeros = whitebox.layer_measures(trace)
         rates.append(batch_rates)
         zeros.append(batch_zeros)
-        layer_index = _layer_index(cfg.layer, len(trace.layers))
         grid = trace.extras["grid_size"]
         # every layer's maps (layers, B, heads, gh, gw): the shapes report scores each layer
         maps.append(torch.stack([whitebox.cls_attention_maps(t.attention, grid) for t in trace.layers]))
         if masks is not None:
             gt_masks.append(masks)
-        if shown is None:
+        if shown is None:  # the first batch
+            layer_index = _layer_index(cfg.layer, len(trace.layers))
             shown = images[: cfg.num_figure_images]
             if is_mae:
                 mae_outputs = (trace, images[: cfg.num_figure_images])

@@ -23,8 +23,8 @@ class EMA(WeightAveraging):
     ``current_model_state``, so a resumed run continues both) and what the model ends with."""
 
     def __init__(self, decay: float = 0.9999) -> None:
-        if not 0.0 < decay < 1.0:
-            raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+        if isinstance(decay, bool) or not isinstance(decay, float) or not 0.0 < decay < 1.0:
+            raise ValueError(f"ema_decay must be null or a number in (0, 1) such as 0.9999, got {decay!r}")
         super().__init__(multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
         self.decay = decay
 

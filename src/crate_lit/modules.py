@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
@@ -12,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
+from .data.datamodules import global_seed, stable_seed
 from .models import CrateMAEClassifier, create_model, load_pretrained
 from .optim import build_optimizer, build_scheduler
 
@@ -49,10 +49,6 @@ def build_classifier(cfg: Mapping[str, Any]) -> torch.nn.Module:
         load_pretrained(classifier, cfg["pretrained"])
         log.info("loaded %s into the encoder", cfg["pretrained"])
     return classifier
-
-
-def _global_seed() -> int:
-    return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
 
 def optimizers_with_schedule(module: L.LightningModule, optimizer_cfg: Mapping[str, Any]) -> Dict[str, Any]:
@@ -153,9 +149,7 @@ class CrateMAEPretrainer(L.LightningModule):
         self._shown: Optional[torch.Tensor] = None
 
     def _noise(self, batch: int, step: int, split: int) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(
-            hash((_global_seed(), split, step, self.global_rank)) & 0xFFFFFFFF
-        )
+        generator = torch.Generator().manual_seed(stable_seed(global_seed(), split, step, self.global_rank))
         return torch.rand(batch, self.model.patch_embed.num_patches, generator=generator).to(self.device)
 
     def forward(self, images: torch.Tensor, noise: Optional[torch.Tensor] = None) -> Any:

@@ -111,9 +111,6 @@ def validate(cfg: DictConfig) -> None:
             f"task=mae pre-trains a CRATE-MAE model, but model={model} is a classifier; "
             "choose one of the mae_* models (e.g. model=mae_crate_base)"
         )
-    decay = cfg.get("ema_decay")
-    if decay is not None and (isinstance(decay, bool) or not isinstance(decay, float) or not 0 < decay < 1):
-        raise ConfigError(f"ema_decay must be null or a number in (0, 1) such as 0.9999, got {decay!r}")
     patch = OmegaConf.select(cfg, "model.patch_size")
     if isinstance(patch, int) and cfg.data.image_size % patch:
         raise ConfigError(

@@ -19,9 +19,15 @@ class DataError(ValueError):
     """A dataset file that cannot be used (unreadable image, malformed batch); names the file."""
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """The seed of one training sample's random augmentation in one epoch."""
-    digest = hashlib.blake2b(f"{seed}/{epoch}/{index}".encode(), digest_size=8).digest()
+def global_seed() -> int:
+    """The run's seed, as ``L.seed_everything`` left it for every process (0 when unset)."""
+    return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+
+def stable_seed(*parts: int) -> int:
+    """A 63-bit seed made of integers, e.g. (seed, epoch, index): the same in every process and
+    on every machine, which Python's ``hash`` does not promise."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
@@ -36,7 +42,7 @@ class EpochSampler(DistributedSampler):
 
     def __iter__(self) -> Iterator[Tuple[int, int]]:  # type: ignore[override]
         for index in super().__iter__():
-            yield index, sample_seed(self.seed, self.epoch, index)
+            yield index, stable_seed(self.seed, self.epoch, index)
 
 
 class SeededSamples(Dataset):
@@ -79,7 +85,7 @@ def make_loader(dataset: Dataset, hp: Any, train: bool, trainer: Optional[L.Trai
             num_replicas=world,
             rank=rank,
             shuffle=True,
-            seed=int(os.environ.get("PL_GLOBAL_SEED", 0)),
+            seed=global_seed(),
         )
         sampler.set_epoch(epoch)
         dataset = SeededSamples(dataset)

@@ -313,3 +313,33 @@ def test_cifar_argument_checks(cifar10_root: Path) -> None:
         CIFARDataModule(str(cifar10_root), num_classes=100)
     with pytest.raises(ValueError, match="variant"):
         CIFARDataModule(str(cifar10_root), variant="svhn")
+
+
+def test_cifar_batches_repickled_in_python3_with_bytes_keys(cifar10_root: Path) -> None:
+    """What `pickle.load(f, encoding="bytes")` gives for the released (Python 2) files, dumped
+    again with Python 3's default protocol: b'data', b'labels', bytes class names."""
+    folder = cifar10_root / "cifar-10-batches-py"
+    expected = _cifar(cifar10_root)
+    for name in ("data_batch_1", "data_batch_2", "test_batch", "batches.meta"):
+        with open(folder / name, "rb") as f:
+            content = pickle.load(f, encoding="latin1")
+        as_bytes = {
+            key.encode(): [v.encode() for v in value] if key == "label_names" else value
+            for key, value in content.items()
+        }
+        (folder / name).write_bytes(pickle.dumps(as_bytes))
+    dm = _cifar(cifar10_root)
+    assert dm.classes == [f"class{i}" for i in range(10)]
+    assert torch.equal(dm.train_set.images, expected.train_set.images)
+    assert dm.train_set.labels.tolist() == expected.train_set.labels.tolist()
+    assert torch.equal(dm.val_set.images, expected.val_set.images)
+
+
+def test_cifar_batch_without_labels_and_no_meta_names_the_keys(cifar10_root: Path) -> None:
+    folder = cifar10_root / "cifar-10-batches-py"
+    (folder / "batches.meta").unlink()
+    (folder / "test_batch").write_bytes(pickle.dumps({b"data": _rows(2, 0), b"filenames": [b"a.png"]}))
+    dm = CIFARDataModule(str(cifar10_root), image_size=32, **LOADER)
+    with pytest.raises(ValueError, match="lacks the key.s. labels") as info:
+        dm.setup("fit")
+    assert str(folder / "test_batch") in str(info.value) and "filenames" in str(info.value)

@@ -10,6 +10,7 @@ from typing import Any, Optional
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import WeightAveraging
+from lightning.pytorch.trainer.states import TrainerFn
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from . import whitebox
@@ -27,6 +28,10 @@ class EMA(WeightAveraging):
             raise ValueError(f"ema_decay must be null or a number in (0, 1) such as 0.9999, got {decay!r}")
         super().__init__(multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
         self.decay = decay
+
+    def state_dict(self) -> dict:
+        # the decay, so that resuming without ema_decay can name the value to give
+        return {**super().state_dict(), "decay": self.decay}
 
 
 class WhiteboxMonitor(L.Callback):
@@ -60,7 +65,8 @@ class WhiteboxMonitor(L.Callback):
     @torch.no_grad()
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         model = getattr(pl_module, "model", None)
-        if trainer.sanity_checking or not hasattr(model, "trace"):
+        # while fitting only: a later trainer.validate (validate_best) is no further epoch
+        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING or not hasattr(model, "trace"):
             return
         if (trainer.current_epoch + 1) % self.every_n_epochs or not trainer.is_global_zero:
             return
@@ -86,9 +92,9 @@ class WhiteboxMonitor(L.Callback):
             folder / f"attention-epoch{trainer.current_epoch:03d}.png",
         )
         metrics["whitebox/seconds"] = time.perf_counter() - started
-        # straight to the loggers: measured on rank 0 only, so nothing to reduce over DDP ranks
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+        # with the epoch's validation metrics (same row, step and epoch); measured on rank 0 only,
+        # so nothing to reduce over DDP ranks
+        pl_module.log_dict(metrics, rank_zero_only=True)
         log_image_file(trainer.loggers, "whitebox/attention", path, trainer.global_step)
 
 

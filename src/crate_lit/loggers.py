@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import csv
+import io
+import os
 
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.utilities import rank_zero_only
+
+from .runs import atomic_write_text
 
 
 class _AppendingWriter(ExperimentWriter):
@@ -20,8 +25,29 @@ class _AppendingWriter(ExperimentWriter):
 
 class AppendingCSVLogger(CSVLogger):
     """Lightning's ``CSVLogger`` (``metrics.csv`` and ``hparams.yaml`` in the run folder), except
-    that rows already in ``metrics.csv`` are kept: a resumed run appends its own after them (rows
-    the interrupted run logged after its last checkpoint stay too, so steps may repeat)."""
+    that rows already in ``metrics.csv`` are kept: a resumed run appends its own after them, once
+    ``drop_rows_from`` has removed the rows of the steps it trains again."""
+
+    @rank_zero_only
+    def drop_rows_from(self, step: int) -> None:
+        """Remove the rows logged at ``step`` or later: a run resumed from a checkpoint taken at
+        global step ``step`` logs them again. (Every row belongs to the step it was logged at:
+        training rows to the step they precede, epoch-end and validation rows, the white-box
+        monitor's included, to the epoch's last step.)"""
+        path = os.path.join(self.log_dir, ExperimentWriter.NAME_METRICS_FILE)
+        if not os.path.isfile(path):
+            return
+        with open(path, newline="") as handle:
+            reader = csv.DictReader(handle)
+            fields, rows = reader.fieldnames or [], list(reader)
+        kept = [row for row in rows if not row.get("step") or int(float(row["step"])) < step]
+        if len(kept) == len(rows):
+            return
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=fields, lineterminator="\r\n")
+        writer.writeheader()
+        writer.writerows(kept)
+        atomic_write_text(path, text.getvalue())
 
     @property
     @rank_zero_experiment

@@ -51,20 +51,53 @@ def build_classifier(cfg: Mapping[str, Any]) -> torch.nn.Module:
     return classifier
 
 
-def optimizers_with_schedule(module: L.LightningModule, optimizer_cfg: Mapping[str, Any]) -> Dict[str, Any]:
-    """``configure_optimizers``' answer: the optimizer over ``module.model`` and its per-step
-    schedule over the whole run."""
-    optimizer = build_optimizer(module.model, optimizer_cfg)
-    scheduler = build_scheduler(
-        optimizer,
-        module.hparams.scheduler,
-        total_steps=int(module.trainer.estimated_stepping_batches),
-        max_epochs=max(1, module.trainer.max_epochs or 1),
-    )
-    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+class ScheduledModule(L.LightningModule):
+    """The optimizer over ``self.model`` and its per-step schedule over the whole run, as long as
+    the run is now: a run resumed with a larger ``trainer.max_epochs`` (or ``max_steps``) keeps
+    its step count, but its schedule is stretched to the new length (the checkpoint's schedule
+    length is not restored), so the added epochs continue the warm-up + cosine instead of
+    training at its floor."""
+
+    _resumed_schedule: Optional[Dict[str, Any]] = None
+
+    def optimizers_with_schedule(self, optimizer_cfg: Mapping[str, Any]) -> Dict[str, Any]:
+        optimizer = build_optimizer(self.model, optimizer_cfg)
+        scheduler = build_scheduler(
+            optimizer,
+            self.hparams.scheduler,
+            total_steps=int(self.trainer.estimated_stepping_batches),
+            max_epochs=max(1, self.trainer.max_epochs or 1),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        for state in checkpoint.get("lr_schedulers", []):
+            saved = state.get("lr_lambdas") or [None]
+            self._resumed_schedule = saved[0] if isinstance(saved[0], dict) else None
+            state["lr_lambdas"] = [None] * len(saved)  # the step count is restored, the length is not
+
+    def on_train_start(self) -> None:
+        if self._resumed_schedule is None:
+            return
+        saved, self._resumed_schedule = self._resumed_schedule, None
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            schedule = scheduler.lr_lambdas[0]
+            if saved == vars(schedule):
+                continue
+            log.warning(
+                "resuming at step %d with a schedule of %d steps (the checkpoint's had %d): the "
+                "learning rate follows the new schedule from here",
+                scheduler.last_epoch, schedule.total_steps, saved.get("total_steps", -1),
+            )  # fmt: skip
+            # the optimizer's restored rates are the old schedule's: set this step's new ones
+            for group, base, fn in zip(
+                scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True
+            ):
+                group["lr"] = base * fn(scheduler.last_epoch)
 
 
-class CrateClassifier(L.LightningModule):
+class CrateClassifier(ScheduledModule):
     """Image classification: cross-entropy with label smoothing, top-1/top-5 accuracy,
     optimizer and per-step schedule from config. ``linear_probe`` freezes everything but a
     new classifier head, and keeps the frozen part in eval mode."""
@@ -87,9 +120,10 @@ class CrateClassifier(L.LightningModule):
             if not isinstance(self.model, CrateMAEClassifier):
                 self.model.reset_classifier(num_classes)  # a probe trains a fresh head
             self.model.get_classifier().requires_grad_(True)
-        self.train_acc = MulticlassAccuracy(num_classes, top_k=1)
-        self.val_acc1 = MulticlassAccuracy(num_classes, top_k=1)
-        self.val_acc5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes))
+        # top-k accuracy over all images (micro), not torchmetrics' default mean of per-class recalls
+        self.train_acc = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.val_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.val_acc5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
 
     def train(self, mode: bool = True) -> CrateClassifier:
         super().train(mode)
@@ -121,10 +155,10 @@ class CrateClassifier(L.LightningModule):
         self.log("val/acc5", self.val_acc5)
 
     def configure_optimizers(self) -> Dict[str, Any]:
-        return optimizers_with_schedule(self, self.hparams.optimizer)
+        return self.optimizers_with_schedule(self.hparams.optimizer)
 
 
-class CrateMAEPretrainer(L.LightningModule):
+class CrateMAEPretrainer(ScheduledModule):
     """CRATE-MAE pre-training with the MAE recipe: AdamW, no weight decay on 1-D parameters,
     ``lr = base_lr * global_batch / 256``, per-step warm-up then half-cosine. The masking noise
     of each step is seeded by (seed, step, rank), so a resumed run masks as the original would.
@@ -172,6 +206,8 @@ class CrateMAEPretrainer(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking or not self.trainer.is_global_zero or self._shown is None:
             return
+        if self.trainer.state.fn != "fit":  # a later trainer.validate (validate_best) is no new epoch
+            return
         from . import whitebox
         from .callbacks import log_image_file
 
@@ -191,7 +227,7 @@ class CrateMAEPretrainer(L.LightningModule):
         args = dict(self.hparams.optimizer)
         base_lr = args.pop("lr")
         args["lr"] = base_lr * self.hparams.global_batch_size / 256
-        return optimizers_with_schedule(self, args)
+        return self.optimizers_with_schedule(args)
 
 
 def to_container(cfg: Optional[Any]) -> Dict[str, Any]:

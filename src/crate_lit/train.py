@@ -26,8 +26,10 @@ from omegaconf.errors import OmegaConfBaseException
 from .callbacks import EMA
 from .data import DATAMODULES
 from .data.datamodules import DataError
+from .loggers import AppendingCSVLogger
 from .modules import TASKS, CrateClassifier, CrateMAEPretrainer, is_mae, to_container
 from .optim import OPTIMIZERS, SCHEDULES
+from .runs import AtomicCheckpointIO, atomic_write_text, check_resume, disk_full, read_checkpoint
 
 log = logging.getLogger("crate_lit.train")
 
@@ -111,6 +113,18 @@ def validate(cfg: DictConfig) -> None:
             f"task=mae pre-trains a CRATE-MAE model, but model={model} is a classifier; "
             "choose one of the mae_* models (e.g. model=mae_crate_base)"
         )
+    if not OmegaConf.select(cfg, "model.pretrained"):
+        if task == "linear_probe":
+            raise ConfigError(
+                "task=linear_probe trains a head on a frozen pre-trained backbone, but model.pretrained "
+                "is not set; give model.pretrained=<released .pth or crate-lit .ckpt>"
+            )
+        if cfg.get("require_pretrained"):
+            raise ConfigError(
+                f"{cfg.get('task_name', 'this recipe')} fine-tunes pre-trained weights, but model.pretrained "
+                "is not set; give model.pretrained=<released .pth or crate-lit .ckpt>, or "
+                "require_pretrained=false to train from scratch"
+            )
     patch = OmegaConf.select(cfg, "model.patch_size")
     if isinstance(patch, int) and cfg.data.image_size % patch:
         raise ConfigError(
@@ -228,6 +242,25 @@ def _float_metrics(metrics: Dict[str, Any]) -> Dict[str, float]:
     return {k: float(v) for k, v in sorted(metrics.items()) if torch.is_tensor(v) and v.numel() == 1}
 
 
+def validate_checkpoint(
+    trainer: L.Trainer, module: L.LightningModule, datamodule: L.LightningDataModule, path: str
+) -> Dict[str, float]:
+    """``validate_best``: the validation metrics of the checkpoint at ``path``, logged once more
+    under ``best/`` at the run's last step (not as a further epoch) and returned for the summary."""
+    loggers = trainer.loggers
+    trainer.loggers = []  # Lightning would log them as the metrics of epoch max_epochs
+    try:
+        (metrics,) = trainer.validate(module, datamodule=datamodule, ckpt_path=path, verbose=False)
+    finally:
+        trainer.loggers = loggers
+    metrics = {k: float(v) for k, v in sorted(metrics.items())}
+    if trainer.is_global_zero:
+        for logger in loggers:
+            logger.log_metrics({f"best/{k}": v for k, v in metrics.items()}, step=trainer.global_step)
+            logger.save()
+    return metrics
+
+
 def run(cfg: DictConfig) -> Dict[str, Any]:
     """Train as configured; returns the summary also written to ``summary.json``."""
     started = time.time()
@@ -243,32 +276,51 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
         if cfg.get("ema_decay") is not None:
             callbacks.append(EMA(cfg.ema_decay))
         loggers = _instantiate_group(cfg.get("logger"))
+        if not loggers:  # logger=none: nothing would receive the learning rate
+            callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.LearningRateMonitor)]
         # the loggers get the whole composed config instead of Lightning's merge of the module's and
         # the data module's hyper-parameters (whose keys clash, e.g. the run's and the data's seed)
         module._log_hyperparams = datamodule._log_hyperparams = False
         for logger in loggers:
             logger.log_hyperparams(to_container(cfg))
         ckpt_path = resolve_ckpt_path(cfg, output_dir)
+        if ckpt_path is not None:
+            checkpoint = read_checkpoint(ckpt_path)
+            check_resume(checkpoint, ckpt_path, cfg.get("ema_decay"))
+            # the steps from the checkpoint on are trained (and logged) again
+            for logger in loggers:
+                if isinstance(logger, AppendingCSVLogger):
+                    logger.drop_rows_from(int(checkpoint["global_step"]))
+            del checkpoint
         trainer = L.Trainer(
             **to_container(cfg.trainer),
             default_root_dir=str(output_dir),
             callbacks=callbacks,
             logger=loggers or False,
+            plugins=[AtomicCheckpointIO()],
         )
     except USER_ERRORS as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         raise ConfigError(_first_line(err)) from None
 
+    best_validation = None
     try:
         with _ddp_launch_scope():
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
             best = getattr(trainer.checkpoint_callback, "best_model_path", None)
             if cfg.get("validate_best") and best:
-                trainer.validate(module, datamodule=datamodule, ckpt_path=best)
+                best_validation = validate_checkpoint(trainer, module, datamodule, best)
     except DataError as err:  # a dataset file found broken while training; checkpoints so far stay
         raise ConfigError(_first_line(err)) from None
-    except RuntimeError as err:
+    except (OSError, RuntimeError) as err:
+        full = disk_full(err)
+        if full is not None:
+            raise ConfigError(
+                f"no space left on the device while writing {full.filename or 'a file of the run'} "
+                f"({full.strerror}): the checkpoints written so far in {output_dir / 'checkpoints'} are "
+                f"intact: free space, then resume with ckpt_path=last hydra.run.dir={output_dir}"
+            ) from None
         if ckpt_path is None or "loading state_dict" not in str(err):
             raise
         raise ConfigError(
@@ -293,13 +345,14 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
             "best": getattr(checkpoint, "best_model_path", "") or None,
             "last": (last[0] if last else getattr(checkpoint, "last_model_path", "")) or None,
         },
+        "best_validation": best_validation,
         "metrics_file": _metrics_file(loggers),
         "config": str(output_dir / ".hydra" / "config.yaml"),
         "output_dir": str(output_dir),
     }
     if trainer.is_global_zero:
         summary_path = output_dir / "summary.json"
-        summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(summary_path, json.dumps(summary, indent=2) + "\n")
         _report(summary, summary_path)
     return summary
 

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .runs import atomic_write
+
 __all__ = [
     "coding_rate",
     "sparsity",
@@ -313,10 +315,7 @@ def _figure(rows: int, cols: int, panel: float = 1.6, **kwargs: Any):
 
 
 def _save(fig: Any, path: PathLike, dpi: int = 100) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, format="png")
-    return path
+    return atomic_write(path, lambda handle: fig.savefig(handle, dpi=dpi, format="png"))
 
 
 def _to_hwc(image: Tensor) -> np.ndarray:

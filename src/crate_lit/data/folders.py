@@ -451,7 +451,13 @@ def _read_pickle(path: str) -> Dict[str, Any]:
         ) from None
     if not isinstance(content, dict):
         raise DataError(f"{path} holds a {type(content).__name__}, not the dict of a CIFAR python batch")
-    return content
+    # a batch loaded with pickle.load(f, encoding="bytes") and dumped again has bytes keys (b"data")
+    # and bytes names (b"airplane"); the released files, read as latin-1, have str ones
+    return {_text(key): value for key, value in content.items()}
+
+
+def _text(value: Any) -> Any:
+    return value.decode("latin1") if isinstance(value, bytes) else value
 
 
 def load_cifar_batch(path: str, label_key: str, num_classes: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -464,7 +470,8 @@ def load_cifar_batch(path: str, label_key: str, num_classes: int) -> Tuple[np.nd
     missing = [k for k in ("data", label_key) if k not in batch]
     if missing:
         raise DataError(
-            f"{path} lacks the key(s) {', '.join(missing)} of a CIFAR python batch (has: {', '.join(batch)})"
+            f"{path} lacks the key(s) {', '.join(missing)} of a CIFAR python batch "
+            f"(has: {', '.join(map(str, batch)) or 'no keys'})"
         )
     data = np.asarray(batch["data"])
     if data.ndim != 2 or data.shape[1] != 3072:
@@ -594,7 +601,7 @@ class CIFARDataModule(L.LightningDataModule):
                 f"{meta}: expected {self.hparams.num_classes} names under "
                 f"'{_CIFAR[self.hparams.variant][5]}'; is it the meta file of {self.hparams.variant}?"
             )
-        return [str(n) for n in names]
+        return [str(_text(n)) for n in names]
 
     def setup(self, stage: Optional[str] = None) -> None:
         train_files, test_file, meta = self._files()

@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -32,7 +31,8 @@ import lightning as L
 
 class Crash(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if (trainer.current_epoch, batch_idx) == (int(os.environ["CRASH_EPOCH"]), int(os.environ["CRASH_BATCH"])):
+        at = int(os.environ["CRASH_EPOCH"]), int(os.environ["CRASH_BATCH"])
+        if (trainer.current_epoch, batch_idx) == at:
             os._exit(3)
 """
 
@@ -87,7 +87,9 @@ def test_accuracy_is_top1_over_all_images_not_the_mean_of_class_recalls(tmp_path
     summary = _summary(tmp_path / "run")
     model = create_model("crate_micro", num_classes=3, img_size=32)
     load_pretrained(model, summary["checkpoints"]["last"])
-    module = ImageNetDataModule(str(imbalanced_root), image_size=32, num_classes=3, eval_resize=36, num_workers=0)
+    module = ImageNetDataModule(
+        str(imbalanced_root), image_size=32, num_classes=3, eval_resize=36, num_workers=0
+    )
     module.setup("validate")
     model.eval()
     with torch.no_grad():
@@ -109,7 +111,8 @@ def test_optuna_follows_the_task_direction_for_mae(tmp_path):
         cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    scores = [_summary(p.parent)["best"]["score"] for p in tmp_path.glob("outputs/multirun/*/*/*/summary.json")]
+    jobs = tmp_path.glob("outputs/multirun/*/*/*/summary.json")
+    scores = [_summary(p.parent)["best"]["score"] for p in jobs]
     assert len(scores) == 2 and scores[0] != scores[1]
     (results,) = tmp_path.glob("outputs/multirun/*/*/optimization_results.yaml")
     assert f"best_value: {min(scores)}" in results.read_text()  # val/loss: the lower is the better
@@ -134,7 +137,9 @@ def test_resume_with_more_epochs_stretches_the_schedule_and_replayed_rows_are_no
     )  # fmt: skip
     assert crashed.returncode == 3
     assert max(int(r["step"]) for r in _rows(run)) == 15  # steps 12..15 were logged, then the kill
-    resumed = crate_train(*args, "trainer.max_epochs=3", f"hydra.run.dir={run}", "ckpt_path=last", cwd=tmp_path)
+    resumed = crate_train(
+        *args, "trainer.max_epochs=3", f"hydra.run.dir={run}", "ckpt_path=last", cwd=tmp_path
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "the learning rate follows the new schedule" in resumed.stdout + resumed.stderr
 
@@ -237,7 +242,8 @@ def test_a_full_disk_stops_the_run_with_one_line_and_the_last_checkpoint_intact(
         str(BIN / "crate-train"), *MICRO, "trainer.max_epochs=3", f"hydra.run.dir={disk / 'run'}",
         "~callbacks.whitebox_monitor", "+callbacks.fill._target_=fill.FillDisk",
     ]  # fmt: skip
-    script = f'mount -t tmpfs -o size=4m tmpfs "{disk}" && {{ "$@"; rc=$?; cp -a "{disk}/run" "{left}"; exit $rc; }}'
+    copy_out = f'rc=$?; cp -a "{disk}/run" "{left}"; exit $rc'
+    script = f'mount -t tmpfs -o size=4m tmpfs "{disk}" && {{ "$@"; {copy_out}; }}'
     proc = subprocess.run(
         ["unshare", "-m", "sh", "-c", script, "sh", *command],
         cwd=tmp_path,
@@ -247,10 +253,65 @@ def test_a_full_disk_stops_the_run_with_one_line_and_the_last_checkpoint_intact(
         timeout=600,
     )
     line = one_line_error(proc)
-    assert "no space left on the device while writing" in line and ".ckpt" in line and f"hydra.run.dir={disk / 'run'}" in line
+    assert "no space left on the device while writing" in line and ".ckpt" in line
+    assert f"ckpt_path=last hydra.run.dir={disk / 'run'}" in line
     names = sorted(p.name for p in (left / "checkpoints").iterdir())
     assert "last.ckpt" in names and all(n.endswith(".ckpt") for n in names), names  # no partial files
     for name in names:  # every checkpoint there is whole: epoch 0's
         checkpoint = torch.load(left / "checkpoints" / name, map_location="cpu", weights_only=True)
         assert checkpoint["epoch"] == 0 and checkpoint["global_step"] == 4, name
     assert not list(disk.iterdir())  # nothing was written outside the namespace's tmpfs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["experiment=linear_probe"], "task=linear_probe trains a head on a frozen pre-trained backbone"),
+        (["task=linear_probe"], "model.pretrained is not set"),
+        (["experiment=cifar_finetune"], "require_pretrained=false to train from scratch"),
+    ],
+)
+def test_recipes_that_need_weights_refuse_to_start_without_them(tmp_path, args, expected):
+    line = one_line_error(crate_train(*args, cwd=tmp_path))
+    assert expected in line, line
+    assert not list(tmp_path.glob("outputs/*/*/checkpoints"))
+
+
+@pytest.mark.slow
+def test_resuming_needs_what_the_checkpoint_was_trained_with(tmp_path):
+    run = tmp_path / "run"
+    ema = crate_train(*MICRO, "trainer.max_epochs=1", "ema_decay=0.5", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert ema.returncode == 0, ema.stderr[-3000:]
+    more = [*MICRO, "trainer.max_epochs=2", f"hydra.run.dir={run}", "ckpt_path=last"]
+    line = one_line_error(crate_train(*more, cwd=tmp_path))
+    assert "trained with an EMA of the weights" in line and "ema_decay=0.5" in line
+    proc = crate_train(*more, "ema_decay=0.5", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _summary(run)["global_step"] == 8
+    released = tmp_path / "CRATE_micro.pth"
+    torch.save(to_released_state_dict(create_model("crate_micro")), released)
+    line = one_line_error(crate_train(*MICRO, f"ckpt_path={released}", cwd=tmp_path))
+    assert "holds model weights" in line and "model.pretrained=" in line
+
+
+@pytest.mark.slow
+def test_validate_best_is_no_further_epoch_and_logger_none_runs(tmp_path):
+    proc = crate_train(*QUICK, "validate_best=true", f"hydra.run.dir={tmp_path / 'best'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary, rows = _summary(tmp_path / "best"), _rows(tmp_path / "best")
+    assert max(int(r["epoch"]) for r in rows if r.get("epoch")) == 1  # epochs 0 and 1 only
+    assert summary["best_validation"]["val/acc1"] == pytest.approx(summary["best"]["score"], abs=1e-6)
+    (again,) = [r for r in rows if r.get("best/val/acc1")]
+    assert float(again["best/val/acc1"]) == pytest.approx(summary["best"]["score"], abs=1e-6)
+    assert sorted(p.name for p in (tmp_path / "best" / "whitebox").iterdir()) == [
+        "attention-epoch000.png",
+        "attention-epoch001.png",
+    ]
+
+    proc = crate_train(*QUICK, "logger=none", f"hydra.run.dir={tmp_path / 'quiet'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = _summary(tmp_path / "quiet")
+    assert summary["metrics_file"] is None and summary["global_step"] == 8
+    assert Path(summary["checkpoints"]["last"]).is_file()
+    assert not (tmp_path / "quiet" / "metrics.csv").exists()

@@ -93,7 +93,7 @@ def claim_fresh_folder(base: Path) -> Path:
             return candidate
         except FileExistsError:
             continue
-    raise RunFolderError(f"could not claim a fresh run folder beside {base}; set hydra.run.dir=<a new folder>")
+    raise RunFolderError(f"no fresh run folder left beside {base}; set hydra.run.dir=<a new folder>")
 
 
 def claim_named_folder(folder: Path, resuming: bool, key: str) -> None:
@@ -174,10 +174,8 @@ def check_resume(checkpoint: Dict[str, Any], path: str, ema_decay: Optional[floa
             "start from them with model.pretrained=<that file>"
         )
     if "current_model_state" in checkpoint and ema_decay is None:
-        saved = [
-            state.get("decay") for state in checkpoint.get("callbacks", {}).values() if isinstance(state, dict)
-        ]
-        decay = next((d for d in saved if d is not None), None)
+        states = checkpoint.get("callbacks", {}).values()
+        decay = next((s["decay"] for s in states if isinstance(s, dict) and "decay" in s), None)
         value = f"ema_decay={decay}" if decay is not None else "ema_decay=<the run's decay>"
         raise ValueError(
             f"ckpt_path={path} was trained with an EMA of the weights; resume it with {value} "

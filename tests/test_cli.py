@@ -131,15 +131,27 @@ def test_cfg_job_prints_the_composed_config(tmp_path):
     assert "name: crate_micro" in proc.stdout and "max_epochs: 2" in proc.stdout
 
 
+def _uv() -> list[str] | None:
+    """uv where `make install` finds it: on PATH, in the venv, or as `python3 -m uv` (a
+    `pip install --user uv` whose script folder is not on PATH); None when it used pip."""
+    for found in (shutil.which("uv"), str(BIN / "uv")):
+        if found and Path(found).exists():
+            return [found]
+    python = shutil.which("python3")
+    if python and subprocess.run([python, "-m", "uv", "--version"], capture_output=True).returncode == 0:
+        return [python, "-m", "uv"]
+    return None
+
+
 @pytest.mark.slow
 def test_built_wheel_ships_configs_and_runs_outside_the_repo(tmp_path):
     """Build the wheel, install it without its dependencies into a fresh venv that sees this
     environment's packages through a .pth file, and ask for the config from another folder."""
-    if shutil.which("uv") is None and not (BIN / "uv").exists():
+    uv = _uv()
+    if uv is not None:
+        builder = [*uv, "build", "--wheel", "--out-dir", str(tmp_path / "dist"), str(REPO)]
+    else:  # make install's pip path: that venv has pip
         builder = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(tmp_path / "dist"), str(REPO)]
-    else:
-        uv = shutil.which("uv") or str(BIN / "uv")
-        builder = [uv, "build", "--wheel", "--out-dir", str(tmp_path / "dist"), str(REPO)]
     subprocess.run(builder, check=True, capture_output=True, timeout=600)
     wheel = next((tmp_path / "dist").glob("crate_lit-*.whl"))
     venv = tmp_path / "venv"

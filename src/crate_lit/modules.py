@@ -13,7 +13,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from .data.datamodules import global_seed, stable_seed
 from .models import CrateMAEClassifier, create_model, load_pretrained
-from .optim import build_optimizer, build_scheduler
+from .optim import WarmupCosine, build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +82,8 @@ class ScheduledModule(L.LightningModule):
         saved, self._resumed_schedule = self._resumed_schedule, None
         for config in self.trainer.lr_scheduler_configs:
             scheduler = config.scheduler
-            schedule = scheduler.lr_lambdas[0]
-            if saved == vars(schedule):
+            schedule = getattr(scheduler, "lr_lambdas", [None])[0]
+            if not isinstance(schedule, WarmupCosine) or saved == vars(schedule):
                 continue
             log.warning(
                 "resuming at step %d with a schedule of %d steps (the checkpoint's had %d): the "

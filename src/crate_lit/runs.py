@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import pickle
 import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
@@ -162,8 +163,22 @@ class ClaimRunFolder(Callback):
 
 
 def read_checkpoint(path: os.PathLike | str) -> Dict[str, Any]:
-    """A checkpoint's contents, memory-mapped (nothing is read that is not used)."""
-    return torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
+    """A checkpoint's contents, memory-mapped (nothing is read that is not used). Plain
+    containers are read under ``weights_only``; a checkpoint that holds other objects (another
+    project's hyper-parameters) is read as Lightning itself would read it to resume."""
+    try:
+        try:
+            checkpoint = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
+        except pickle.UnpicklingError:
+            checkpoint = torch.load(str(path), map_location="cpu", mmap=True, weights_only=False)
+    except Exception as err:  # a damaged file fails in many ways (zip, pickle, unicode, storage)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"ckpt_path={path} cannot be read as a checkpoint ({first}); is it damaged?"
+        ) from None
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"ckpt_path={path} holds a {type(checkpoint).__name__}, not a checkpoint")
+    return checkpoint
 
 
 def check_resume(checkpoint: Dict[str, Any], path: str, ema_decay: Optional[float]) -> None:

@@ -268,7 +268,6 @@ def test_a_full_disk_stops_the_run_with_one_line_and_the_last_checkpoint_intact(
     "args,expected",
     [
         (["experiment=linear_probe"], "task=linear_probe trains a head on a frozen pre-trained backbone"),
-        (["task=linear_probe"], "model.pretrained is not set"),
         (["experiment=cifar_finetune"], "require_pretrained=false to train from scratch"),
     ],
 )

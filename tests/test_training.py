@@ -151,7 +151,8 @@ def test_resume_continues_to_the_same_result(tmp_path):
     a, b = _summary(tmp_path / "full"), _summary(resumed)
     assert a["global_step"] == b["global_step"] == 3 * 96 // 16
     for key, value in a["metrics"].items():
-        assert b["metrics"][key] == pytest.approx(value, rel=1e-6, abs=1e-7), key
+        if key != "whitebox/seconds":  # the monitor's own timing
+            assert b["metrics"][key] == pytest.approx(value, rel=1e-6, abs=1e-7), key
     rows = _metric_rows(resumed)
     assert rows[: len(rows_before)] == rows_before  # what the interrupted run logged is kept
     assert rows == _metric_rows(tmp_path / "full")  # and the whole log matches the uninterrupted one

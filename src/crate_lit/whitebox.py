@@ -266,8 +266,9 @@ def pca_feature_maps(features: Tensor, grid_size: Tuple[int, int], n_components:
 
     Centres all B*P tokens together, projects on the top right-singular vectors, and min-max
     scales each component over the whole batch (a constant component maps to 0). Sign
-    convention: each principal direction is flipped so that its largest-magnitude loading is
-    positive (as scikit-learn's ``svd_flip`` on V), which makes the output deterministic.
+    convention: each principal direction is flipped so that its largest-magnitude loading (the
+    first of several equal ones) is positive, as scikit-learn's ``svd_flip`` on V, which makes
+    the output the same on every machine.
     """
     b, p, d = features.shape
     gh, gw = int(grid_size[0]), int(grid_size[1])
@@ -279,7 +280,12 @@ def pca_feature_maps(features: Tensor, grid_size: Tuple[int, int], n_components:
     x = x - x.mean(0, keepdim=True)
     _, _, vh = torch.linalg.svd(x, full_matrices=False)
     comps = vh[:n_components]  # (k, d)
-    pivot = comps.abs().argmax(dim=1, keepdim=True)
+    # the first loading within rounding of the largest: loadings of equal magnitude (a direction
+    # such as (1, -1)/sqrt(2)) would otherwise pick their pivot by the last bit of the SVD, which
+    # differs between torch builds, and flip the component's colours between machines
+    magnitude = comps.abs()
+    near_max = magnitude >= magnitude.max(dim=1, keepdim=True).values * (1 - 1e-6)
+    pivot = near_max.to(torch.int8).argmax(dim=1, keepdim=True)
     comps = comps * torch.sign(comps.gather(1, pivot))
     proj = x @ comps.T  # (B*P, k)
     low, high = proj.min(0).values, proj.max(0).values

@@ -143,6 +143,11 @@ def test_resume_with_more_epochs_stretches_the_schedule_and_replayed_rows_are_no
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "the learning rate follows the new schedule" in resumed.stdout + resumed.stderr
 
+    # each resume kept the config it resumed from: max_epochs 2 (the first run), then 3
+    kept = [(run / ".hydra" / f"before-resume-{k}" / "config.yaml").read_text() for k in (1, 2)]
+    assert "max_epochs: 2" in kept[0] and "max_epochs: 3" in kept[1]
+    assert "max_epochs: 3" in (run / ".hydra" / "config.yaml").read_text()
+
     rows, reference = _rows(run), _rows(tmp_path / "full")
     assert _summary(run)["global_step"] == 18 and len(rows) == len(reference)
     for key in ("train/loss", "lr-AdamW/pg1", "val/loss", "train/acc1", "whitebox/coding_rate_l1"):

@@ -115,6 +115,22 @@ def claim_named_folder(folder: Path, resuming: bool, key: str) -> None:
         ) from None
 
 
+def keep_earlier_configs(subdir: Path) -> None:
+    """Before a resumed run writes its config into ``subdir`` (``.hydra``), move the earlier
+    run's files to ``subdir/before-resume-<k>/``: the config a checkpoint was trained under stays."""
+    files = [subdir / name for name in ("config.yaml", "hydra.yaml", "overrides.yaml")]
+    if not any(f.is_file() for f in files):
+        return
+    index = 1
+    while (subdir / f"before-resume-{index}").exists():
+        index += 1
+    kept = subdir / f"before-resume-{index}"
+    kept.mkdir()
+    for f in files:
+        if f.is_file():
+            os.replace(f, kept / f.name)
+
+
 def _named_on_command_line(config: DictConfig, key: str) -> bool:
     return any(str(o).split("=", 1)[0].lstrip("+~") == key for o in config.hydra.overrides.hydra)
 
@@ -133,7 +149,10 @@ class ClaimRunFolder(Callback):
     def _claim(self, config: DictConfig, key: str) -> Path:
         folder = Path(str(OmegaConf.select(config, key)))
         if _named_on_command_line(config, key):
-            claim_named_folder(folder, config.get("ckpt_path") is not None, key)
+            resuming = config.get("ckpt_path") is not None
+            claim_named_folder(folder, resuming, key)
+            if resuming and key == "hydra.run.dir" and config.hydra.output_subdir:
+                keep_earlier_configs(folder / str(config.hydra.output_subdir))
             return folder
         claimed = claim_fresh_folder(folder)
         with read_write(config), open_dict(config):

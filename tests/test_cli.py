@@ -43,6 +43,16 @@ def crate_train(*args: str, cwd: Path, env: dict | None = None) -> subprocess.Co
     )
 
 
+def summary_of(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def metric_rows(run_dir: Path) -> list[dict]:
+    """metrics.csv without its timing column."""
+    with open(run_dir / "metrics.csv", newline="") as handle:
+        return [{k: v for k, v in row.items() if k != "whitebox/seconds"} for row in csv.DictReader(handle)]
+
+
 def one_line_error(proc) -> str:
     """The last stderr line of a crate-train that stopped at a user error (exit 2, no traceback)."""
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]

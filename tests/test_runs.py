@@ -4,9 +4,7 @@ folder per run, atomic files and a full disk, the recipes that need weights, log
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import json
 import os
 import shutil
 import subprocess
@@ -21,7 +19,7 @@ from PIL import Image
 from crate_lit.data import ImageNetDataModule
 from crate_lit.models import create_model, load_pretrained, to_released_state_dict
 from crate_lit.runs import atomic_write, claim_fresh_folder
-from test_cli import BIN, QUICK, crate_train, one_line_error
+from test_cli import BIN, QUICK, crate_train, metric_rows, one_line_error, summary_of
 
 MICRO = [arg for arg in QUICK if not arg.startswith("trainer.max_epochs")]
 # kills the run like a `kill -9` (no clean-up, no final checkpoint) at CRASH_EPOCH, CRASH_BATCH
@@ -35,15 +33,6 @@ class Crash(L.Callback):
         if (trainer.current_epoch, batch_idx) == at:
             os._exit(3)
 """
-
-
-def _summary(run_dir: Path) -> dict:
-    return json.loads((run_dir / "summary.json").read_text())
-
-
-def _rows(run_dir: Path) -> list[dict]:
-    with open(run_dir / "metrics.csv", newline="") as handle:
-        return list(csv.DictReader(handle))
 
 
 def _column(rows: list[dict], key: str) -> dict[int, float]:
@@ -84,7 +73,7 @@ def test_accuracy_is_top1_over_all_images_not_the_mean_of_class_recalls(tmp_path
         cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = _summary(tmp_path / "run")
+    summary = summary_of(tmp_path / "run")
     model = create_model("crate_micro", num_classes=3, img_size=32)
     load_pretrained(model, summary["checkpoints"]["last"])
     module = ImageNetDataModule(
@@ -112,7 +101,7 @@ def test_optuna_follows_the_task_direction_for_mae(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = tmp_path.glob("outputs/multirun/*/*/*/summary.json")
-    scores = [_summary(p.parent)["best"]["score"] for p in jobs]
+    scores = [summary_of(p.parent)["best"]["score"] for p in jobs]
     assert len(scores) == 2 and scores[0] != scores[1]
     (results,) = tmp_path.glob("outputs/multirun/*/*/optimization_results.yaml")
     assert f"best_value: {min(scores)}" in results.read_text()  # val/loss: the lower is the better
@@ -136,7 +125,7 @@ def test_resume_with_more_epochs_stretches_the_schedule_and_replayed_rows_are_no
         env={"PYTHONPATH": str(tmp_path), "CRASH_EPOCH": "2", "CRASH_BATCH": "4"},
     )  # fmt: skip
     assert crashed.returncode == 3
-    assert max(int(r["step"]) for r in _rows(run)) == 15  # steps 12..15 were logged, then the kill
+    assert max(int(r["step"]) for r in metric_rows(run)) == 15  # steps 12..15 were logged, then the kill
     resumed = crate_train(
         *args, "trainer.max_epochs=3", f"hydra.run.dir={run}", "ckpt_path=last", cwd=tmp_path
     )
@@ -148,8 +137,8 @@ def test_resume_with_more_epochs_stretches_the_schedule_and_replayed_rows_are_no
     assert "max_epochs: 2" in kept[0] and "max_epochs: 3" in kept[1]
     assert "max_epochs: 3" in (run / ".hydra" / "config.yaml").read_text()
 
-    rows, reference = _rows(run), _rows(tmp_path / "full")
-    assert _summary(run)["global_step"] == 18 and len(rows) == len(reference)
+    rows, reference = metric_rows(run), metric_rows(tmp_path / "full")
+    assert summary_of(run)["global_step"] == 18 and len(rows) == len(reference)
     for key in ("train/loss", "lr-AdamW/pg1", "val/loss", "train/acc1", "whitebox/coding_rate_l1"):
         steps = [int(r["step"]) for r in rows if r.get(key)]
         assert steps == [int(r["step"]) for r in reference if r.get(key)], key  # each step once
@@ -292,7 +281,7 @@ def test_resuming_needs_what_the_checkpoint_was_trained_with(tmp_path):
     assert "trained with an EMA of the weights" in line and "ema_decay=0.5" in line
     proc = crate_train(*more, "ema_decay=0.5", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert _summary(run)["global_step"] == 8
+    assert summary_of(run)["global_step"] == 8
     released = tmp_path / "CRATE_micro.pth"
     torch.save(to_released_state_dict(create_model("crate_micro")), released)
     line = one_line_error(crate_train(*MICRO, f"ckpt_path={released}", cwd=tmp_path))
@@ -303,7 +292,7 @@ def test_resuming_needs_what_the_checkpoint_was_trained_with(tmp_path):
 def test_validate_best_is_no_further_epoch_and_logger_none_runs(tmp_path):
     proc = crate_train(*QUICK, "validate_best=true", f"hydra.run.dir={tmp_path / 'best'}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    summary, rows = _summary(tmp_path / "best"), _rows(tmp_path / "best")
+    summary, rows = summary_of(tmp_path / "best"), metric_rows(tmp_path / "best")
     assert max(int(r["epoch"]) for r in rows if r.get("epoch")) == 1  # epochs 0 and 1 only
     assert summary["best_validation"]["val/acc1"] == pytest.approx(summary["best"]["score"], abs=1e-6)
     (again,) = [r for r in rows if r.get("best/val/acc1")]
@@ -315,7 +304,7 @@ def test_validate_best_is_no_further_epoch_and_logger_none_runs(tmp_path):
 
     proc = crate_train(*QUICK, "logger=none", f"hydra.run.dir={tmp_path / 'quiet'}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = _summary(tmp_path / "quiet")
+    summary = summary_of(tmp_path / "quiet")
     assert summary["metrics_file"] is None and summary["global_step"] == 8
     assert Path(summary["checkpoints"]["last"]).is_file()
     assert not (tmp_path / "quiet" / "metrics.csv").exists()

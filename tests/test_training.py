@@ -3,7 +3,6 @@ DDP over two CPU processes, multirun sweeps, wandb offline, and bad-input errors
 
 from __future__ import annotations
 
-import csv
 import json
 import pickle
 from pathlib import Path
@@ -13,7 +12,7 @@ import torch
 from wandb.proto import wandb_internal_pb2
 
 from crate_lit.models import create_model, to_released_state_dict
-from test_cli import QUICK, crate_train, one_line_error
+from test_cli import QUICK, crate_train, metric_rows, one_line_error, summary_of
 from test_folders import _add_truncated, cifar10_root, imagenet_root  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.slow
@@ -31,16 +30,6 @@ STEPS = [
 ]
 IMAGENET_FIXTURE = ["data.num_classes=3", "data.eval_resize=36"]
 NO_MODEL = [arg for arg in QUICK if not arg.startswith("model=")]
-
-
-def _summary(run_dir: Path) -> dict:
-    return json.loads((run_dir / "summary.json").read_text())
-
-
-def _metric_rows(run_dir: Path) -> list[dict]:
-    """metrics.csv without its timing column."""
-    with open(run_dir / "metrics.csv", newline="") as handle:
-        return [{k: v for k, v in row.items() if k != "whitebox/seconds"} for row in csv.DictReader(handle)]
 
 
 def _only_run(root: Path) -> Path:
@@ -71,7 +60,7 @@ def test_every_experiment_runs_on_real_format_files(tmp_path, experiment, reques
     proc = crate_train(f"experiment={experiment}", f"data.root={root}", *STEPS, *extra, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = _only_run(tmp_path)
-    summary = _summary(run_dir)
+    summary = summary_of(run_dir)
     assert summary["global_step"] == 2
     checkpoint = torch.load(summary["checkpoints"]["last"], map_location="cpu", weights_only=True)
     hparams = checkpoint["hyper_parameters"]
@@ -116,7 +105,7 @@ def test_linear_probe_freezes_a_pretrained_mae_encoder(tmp_path):
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = _summary(_only_run(tmp_path))
+    summary = summary_of(_only_run(tmp_path))
     state = torch.load(summary["checkpoints"]["last"], map_location="cpu", weights_only=True)["state_dict"]
     for name, value in pretrained.state_dict().items():
         assert torch.equal(state[f"model.encoder.{name}"], value), name  # loaded, then left untouched
@@ -144,18 +133,18 @@ def test_resume_continues_to_the_same_result(tmp_path):
         cwd=tmp_path, env={"PYTHONPATH": str(tmp_path)},
     )  # fmt: skip
     assert crashed.returncode == 3 and not (resumed / "summary.json").exists()
-    rows_before = _metric_rows(resumed)
+    rows_before = metric_rows(resumed)
     proc = crate_train(*args, f"hydra.run.dir={resumed}", "ckpt_path=last", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
-    a, b = _summary(tmp_path / "full"), _summary(resumed)
+    a, b = summary_of(tmp_path / "full"), summary_of(resumed)
     assert a["global_step"] == b["global_step"] == 3 * 96 // 16
     for key, value in a["metrics"].items():
         if key != "whitebox/seconds":  # the monitor's own timing
             assert b["metrics"][key] == pytest.approx(value, rel=1e-6, abs=1e-7), key
-    rows = _metric_rows(resumed)
+    rows = metric_rows(resumed)
     assert rows[: len(rows_before)] == rows_before  # what the interrupted run logged is kept
-    assert rows == _metric_rows(tmp_path / "full")  # and the whole log matches the uninterrupted one
+    assert rows == metric_rows(tmp_path / "full")  # and the whole log matches the uninterrupted one
     # plain containers only: the checkpoint loads under weights_only
     torch.load(b["checkpoints"]["last"], map_location="cpu", weights_only=True)
 
@@ -170,14 +159,14 @@ def test_ddp_over_two_processes_matches_one_process(tmp_path):
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert (tmp_path / "ddp" / "train_ddp_process_1.log").is_file()  # a second process ran
     curves = [
-        [(int(r["step"]), float(r["train/loss"])) for r in _metric_rows(tmp_path / run) if r["train/loss"]]
+        [(int(r["step"]), float(r["train/loss"])) for r in metric_rows(tmp_path / run) if r["train/loss"]]
         for run in ("single", "ddp")
     ]
     assert len(curves[0]) == 2 * 128 // 32 and [s for s, _ in curves[0]] == [s for s, _ in curves[1]]
     for (_, one), (_, two) in zip(*curves, strict=True):
         assert two == pytest.approx(one, abs=1e-5)
-    assert _summary(tmp_path / "ddp")["metrics"]["val/acc1"] == pytest.approx(
-        _summary(tmp_path / "single")["metrics"]["val/acc1"], abs=1e-6
+    assert summary_of(tmp_path / "ddp")["metrics"]["val/acc1"] == pytest.approx(
+        summary_of(tmp_path / "single")["metrics"]["val/acc1"], abs=1e-6
     )
 
 
@@ -189,7 +178,7 @@ def test_multirun_sweep_runs_each_job_in_its_own_folder(tmp_path, trainer):
     assert [j.name for j in jobs] == ["0", "1"]
     names = []
     for job in jobs:
-        summary = _summary(job)
+        summary = summary_of(job)
         assert summary["global_step"] == 2 * 64 // 16 and Path(summary["output_dir"]) == job
         names.append(
             torch.load(summary["checkpoints"]["last"], weights_only=True)["hyper_parameters"]["optimizer"][
@@ -254,7 +243,7 @@ def test_switches_accumulation_clipping_ema(tmp_path):
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = _summary(_only_run(tmp_path))
+    summary = summary_of(_only_run(tmp_path))
     # global batch 16 = 2 accumulated batches of 8: 64 images are 4 optimizer steps per epoch
     assert summary["global_step"] == 2 * 4
     checkpoint = torch.load(summary["checkpoints"]["last"], map_location="cpu", weights_only=True)
@@ -315,14 +304,14 @@ def test_optuna_search_runs_trials_and_reports_the_best(tmp_path):
     jobs = sorted(tmp_path.glob("outputs/multirun/*/*/[0-9]*/summary.json"))
     assert len(jobs) == 2
     rates = {
-        torch.load(_summary(j.parent)["checkpoints"]["last"], weights_only=True)["hyper_parameters"][
+        torch.load(summary_of(j.parent)["checkpoints"]["last"], weights_only=True)["hyper_parameters"][
             "optimizer"
         ]["lr"]
         for j in jobs
     }
     assert len(rates) == 2 and all(1e-4 <= r <= 1e-2 for r in rates)  # sampled from the search space
     (results,) = tmp_path.glob("outputs/multirun/*/*/optimization_results.yaml")
-    best = max(_summary(j.parent)["best"]["score"] for j in jobs)
+    best = max(summary_of(j.parent)["best"]["score"] for j in jobs)
     assert f"best_value: {best}" in results.read_text()  # the trial's return value: val/acc1
 
 
@@ -343,7 +332,7 @@ def test_compile_switch_trains_the_same_model_under_the_same_names(tmp_path):
     for flag in ("false", "true"):
         proc = crate_train(*args, f"compile={flag}", f"hydra.run.dir={tmp_path / flag}", cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        runs[flag] = _summary(tmp_path / flag)
+        runs[flag] = summary_of(tmp_path / flag)
     eager, compiled = (
         torch.load(runs[f]["checkpoints"]["last"], map_location="cpu", weights_only=True)["state_dict"]
         for f in ("false", "true")

@@ -44,7 +44,7 @@ class AppendingCSVLogger(CSVLogger):
         if len(kept) == len(rows):
             return
         text = io.StringIO(newline="")
-        writer = csv.DictWriter(text, fieldnames=fields, lineterminator="\r\n")
+        writer = csv.DictWriter(text, fieldnames=fields)
         writer.writeheader()
         writer.writerows(kept)
         atomic_write_text(path, text.getvalue())

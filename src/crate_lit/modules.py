@@ -9,11 +9,12 @@ from typing import Any, Dict, Mapping, Optional
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.trainer.states import TrainerFn
 from torchmetrics.classification import MulticlassAccuracy
 
 from .data.datamodules import global_seed, stable_seed
 from .models import CrateMAEClassifier, create_model, load_pretrained
-from .optim import WarmupCosine, build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -71,30 +72,29 @@ class ScheduledModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
-        for state in checkpoint.get("lr_schedulers", []):
-            saved = state.get("lr_lambdas") or [None]
-            self._resumed_schedule = saved[0] if isinstance(saved[0], dict) else None
-            state["lr_lambdas"] = [None] * len(saved)  # the step count is restored, the length is not
+        # the one LambdaLR of optimizers_with_schedule: its step count is restored, its length not
+        (state,) = checkpoint.get("lr_schedulers") or [{}]
+        saved = state.get("lr_lambdas")
+        if saved:
+            self._resumed_schedule = saved[0]
+            state["lr_lambdas"] = [None] * len(saved)
 
     def on_train_start(self) -> None:
-        if self._resumed_schedule is None:
-            return
         saved, self._resumed_schedule = self._resumed_schedule, None
-        for config in self.trainer.lr_scheduler_configs:
-            scheduler = config.scheduler
-            schedule = getattr(scheduler, "lr_lambdas", [None])[0]
-            if not isinstance(schedule, WarmupCosine) or saved == vars(schedule):
-                continue
-            log.warning(
-                "resuming at step %d with a schedule of %d steps (the checkpoint's had %d): the "
-                "learning rate follows the new schedule from here",
-                scheduler.last_epoch, schedule.total_steps, saved.get("total_steps", -1),
-            )  # fmt: skip
-            # the optimizer's restored rates are the old schedule's: set this step's new ones
-            for group, base, fn in zip(
-                scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True
-            ):
-                group["lr"] = base * fn(scheduler.last_epoch)
+        if saved is None:
+            return
+        scheduler = self.trainer.lr_scheduler_configs[0].scheduler
+        schedule = scheduler.lr_lambdas[0]
+        if saved == vars(schedule):
+            return
+        log.warning(
+            "resuming at step %d with a schedule of %d steps (the checkpoint's had %d): the "
+            "learning rate follows the new schedule from here",
+            scheduler.last_epoch, schedule.total_steps, saved.get("total_steps", -1),
+        )  # fmt: skip
+        # the optimizer's restored rates are the old schedule's: set this step's new ones
+        for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, strict=True):
+            group["lr"] = base * schedule(scheduler.last_epoch)
 
 
 class CrateClassifier(ScheduledModule):
@@ -204,9 +204,9 @@ class CrateMAEPretrainer(ScheduledModule):
 
     @torch.no_grad()
     def on_validation_epoch_end(self) -> None:
-        if self.trainer.sanity_checking or not self.trainer.is_global_zero or self._shown is None:
-            return
-        if self.trainer.state.fn != "fit":  # a later trainer.validate (validate_best) is no new epoch
+        # while fitting only: a later trainer.validate (validate_best) is no further epoch
+        fitting = self.trainer.state.fn == TrainerFn.FITTING and not self.trainer.sanity_checking
+        if not fitting or not self.trainer.is_global_zero or self._shown is None:
             return
         from . import whitebox
         from .callbacks import log_image_file

@@ -102,17 +102,18 @@ def claim_named_folder(folder: Path, resuming: bool, key: str) -> None:
     otherwise creating its ``.hydra`` (atomic) claims it for this run alone."""
     if resuming:
         return
-    try:
-        if holds_run(folder):
-            raise FileExistsError
-        folder.mkdir(parents=True, exist_ok=True)
-        if key == "hydra.run.dir":
+    refused = RunFolderError(
+        f"{key}={folder} already holds a run (nothing was changed in it); resume it with "
+        f"ckpt_path=last, or give {key} a new folder (or leave it out for a fresh one)"
+    )
+    if holds_run(folder):
+        raise refused
+    folder.mkdir(parents=True, exist_ok=True)
+    if key == "hydra.run.dir":
+        try:
             (folder / ".hydra").mkdir()
-    except FileExistsError:
-        raise RunFolderError(
-            f"{key}={folder} already holds a run (nothing was changed in it); resume it with "
-            f"ckpt_path=last, or give {key} a new folder (or leave it out for a fresh one)"
-        ) from None
+        except FileExistsError:  # another run claimed it a moment ago
+            raise refused from None
 
 
 def keep_earlier_configs(subdir: Path) -> None:

@@ -53,12 +53,12 @@ def metric_rows(run_dir: Path) -> list[dict]:
         return [{k: v for k, v in row.items() if k != "whitebox/seconds"} for row in csv.DictReader(handle)]
 
 
-def one_line_error(proc) -> str:
-    """The last stderr line of a crate-train that stopped at a user error (exit 2, no traceback)."""
+def one_line_error(proc, command: str = "crate-train") -> str:
+    """The last stderr line of a command that stopped at a user error (exit 2, no traceback)."""
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert lines[-1].startswith("crate-train: error: ")
+    assert lines[-1].startswith(f"{command}: error: ")
     return lines[-1]
 
 

@@ -19,10 +19,9 @@ from crate_lit.data.datamodules import DataError
 from crate_lit.data.folders import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    TRAIN_TRANSFORMS,
     CIFARDataModule,
     ImageNetDataModule,
-    imagenet_eval_transform,
-    mae_train_transform,
 )
 
 WNIDS = ["n01440764", "n01443537", "n01484850"]  # sorted: labels 0, 1, 2
@@ -34,6 +33,23 @@ def _unnormalize(x: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
     return x * std + mean
+
+
+def _eval_batches(dm) -> list:
+    """Validation batches as the model gets them: uint8 from the loader, normalised on the device."""
+    batches = []
+    for x, y in dm.val_dataloader():
+        assert x.dtype == torch.uint8  # workers hand uint8 to the device
+        batches.append((dm.eval_batch(x), y))
+    return batches
+
+
+def _train_batches(dm) -> list:
+    batches = []
+    for x, y, keys in dm.train_dataloader():
+        assert x.dtype == torch.uint8 and keys.dtype == torch.int64 and keys.shape == y.shape
+        batches.append((dm.train_batch(x, keys), y))
+    return batches
 
 
 def _noise(size: tuple[int, int], seed: int) -> Image.Image:
@@ -82,7 +98,7 @@ def test_imagenet_eval_batches_and_labels(imagenet_root: Path) -> None:
     assert dm.classes == WNIDS
     assert len(dm.val_set) == 6
     seen = 0
-    for x, y in dm.val_dataloader():
+    for x, y in _eval_batches(dm):
         assert x.dtype == torch.float32 and x.shape[1:] == (3, 32, 32)
         assert y.dtype == torch.int64
         for image, label in zip(x, y, strict=True):
@@ -102,7 +118,7 @@ def test_imagenet_train_batches(imagenet_root: Path) -> None:
     # the extension filter is case-insensitive and ignores other files
     names = sorted(Path(dm.train_set.path(i)).name for i in range(len(dm.train_set)))
     assert names == ["a.JPEG", "b.png", "c.PNG", "cmyk.jpeg", "d.jpg", "gray.jpg"]
-    batches = list(dm.train_dataloader())
+    batches = _train_batches(dm)
     assert len(batches) == 1  # 6 images, batch 4, last partial batch dropped
     x, y = batches[0]
     assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32
@@ -113,10 +129,11 @@ def test_imagenet_train_batches(imagenet_root: Path) -> None:
 def test_mae_recipe_and_eval_resize_default(imagenet_root: Path) -> None:
     dm = _imagenet(imagenet_root, train_transform="mae")
     x, _ = dm.train_set[0]
-    assert x.shape == (3, 32, 32)
-    assert mae_train_transform(32).transforms[0].scale == (0.2, 1.0)
-    assert imagenet_eval_transform(224).transforms[0].size == [256]
-    assert imagenet_eval_transform(32, 36).transforms[0].size == [36]
+    assert x.shape == (3, 32, 32) and x.dtype == torch.uint8
+    assert dm.train_reader.scale == TRAIN_TRANSFORMS["mae"][0] == (0.2, 1.0)
+    assert dm.train_reader.resample == Image.BICUBIC
+    assert ImageNetDataModule(str(imagenet_root), num_classes=3).eval_reader.resize == 256  # 224 / 0.875
+    assert dm.eval_reader.resize == 36
     with pytest.raises(ValueError, match="train_transform"):
         ImageNetDataModule(str(imagenet_root), num_classes=3, train_transform="simclr")
 
@@ -124,15 +141,12 @@ def test_mae_recipe_and_eval_resize_default(imagenet_root: Path) -> None:
 def test_grayscale_and_cmyk_become_rgb(imagenet_root: Path) -> None:
     dm = _imagenet(imagenet_root)
     index = {Path(dm.train_set.path(i)).name: i for i in range(len(dm.train_set))}
-    gray = dm.train_set.load(index["gray.jpg"])
-    cmyk = dm.train_set.load(index["cmyk.jpeg"])
-    assert gray.mode == cmyk.mode == "RGB"
-    assert np.abs(np.asarray(gray).astype(int) - 128).max() <= 2
+    gray = dm.val_set.read(dm.train_set.path(index["gray.jpg"]))
+    cmyk = dm.val_set.read(dm.train_set.path(index["cmyk.jpeg"]))
+    assert gray.shape == cmyk.shape == (3, 32, 32) and gray.dtype == torch.uint8
+    assert (gray.int() - 128).abs().max() <= 2
     # cyan 0, magenta 255, yellow 255, black 0 is red
-    assert np.abs(np.asarray(cmyk).astype(int) - [255, 0, 0]).max() <= 10
-    for name in ("gray.jpg", "cmyk.jpeg"):
-        x, _ = dm.train_set[index[name]]
-        assert x.shape == (3, 32, 32)
+    assert (cmyk.int() - torch.tensor([255, 0, 0]).view(3, 1, 1)).abs().max() <= 10
 
 
 def test_truncated_image_error_names_the_file(imagenet_root: Path) -> None:
@@ -149,7 +163,7 @@ def test_skip_corrupt_passes_and_counts(imagenet_root: Path, caplog: pytest.LogC
     dm = _imagenet(imagenet_root, skip_corrupt=True, batch_size=1)
     assert len(dm.train_set) == 7
     with caplog.at_level(logging.WARNING, logger="crate_lit.data.folders"):
-        labels = [int(y) for _, y in dm.train_dataloader()]
+        labels = [int(y) for _, y, _ in dm.train_dataloader()]
     assert len(labels) == 7  # the bad index is served by the next readable image
     assert dm.skip_count == 1
     assert dm.skipped == [str(bad)]
@@ -242,9 +256,8 @@ def test_cifar10_channel_major_decoding(cifar10_root: Path) -> None:
     assert dm.classes == [f"class{i}" for i in range(10)]
     assert tuple(dm.train_set.images[PIXEL_ROW, :, PIXEL_Y, PIXEL_X].tolist()) == PIXEL_RGB
     expected = torch.tensor(PIXEL_RGB, dtype=torch.float32) / 255
-    for dataset in (dm.val_set, dm.train_set):  # train: data_batch_1 comes first
-        dataset.transform = dm.eval_transform
-        x, _ = dataset[PIXEL_ROW]
+    for dataset in (dm.val_set, dm.train_images_for_eval()):  # train: data_batch_1 comes first
+        x = dm.eval_batch(dataset[PIXEL_ROW][0][None])[0]
         assert x.shape == (3, 32, 32) and x.dtype == torch.float32
         assert torch.allclose(_unnormalize(x)[:, PIXEL_Y, PIXEL_X], expected, atol=1e-5)
     rows = _rows(5, 2).reshape(5, 3, 32, 32)
@@ -254,10 +267,10 @@ def test_cifar10_channel_major_decoding(cifar10_root: Path) -> None:
 def test_cifar10_labels_and_loaders(cifar10_root: Path) -> None:
     dm = _cifar(cifar10_root, image_size=64)
     assert dm.train_set.labels.tolist() == [0, 1, 2, 3, 4, 5, 6, 9, 8, 7]
-    x, y = next(iter(dm.val_dataloader()))
+    x, y = _eval_batches(dm)[0]
     assert y.tolist() == [3, 1, 4, 1] and y.dtype == torch.int64
     assert x.shape == (4, 3, 64, 64) and x.dtype == torch.float32
-    batches = list(dm.train_dataloader())  # resize, random resized crop, flip, RandAugment
+    batches = _train_batches(dm)  # RandAugment; random resized crop + flip + upsampling
     assert len(batches) == 2
     assert all(b[0].shape == (4, 3, 64, 64) and torch.isfinite(b[0]).all() for b in batches)
 

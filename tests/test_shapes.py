@@ -6,12 +6,20 @@ import numpy as np
 import pytest
 import torch
 
+import crate_lit.data.shapes as shapes
 from crate_lit.data.datamodules import ShapesDataModule
 from crate_lit.data.shapes import (
     CLASS_NAMES,
+    DEFAULT_SCALE,
+    GENERATOR_VERSION,
+    SPLIT_IDS,
     ShapesDataset,
-    _render,
-    _shape_mask,
+    _draw_words,
+    _Poses,
+    _rasterise,
+    _render_words,
+    _words_per_image,
+    render_batch,
     render_shape_image,
 )
 
@@ -66,11 +74,17 @@ def test_different_indices_differ() -> None:
     assert not np.array_equal(ds.render(0)[0], ds.render(10)[0])  # same class
 
 
-@pytest.mark.parametrize("image_size", [16, 32, 48])
+@pytest.mark.parametrize("image_size", [16, 32, 48, 64])
 def test_mask_is_exactly_the_painted_shape(image_size: int) -> None:
-    for k in range(3 * len(CLASS_NAMES)):
-        label = k % len(CLASS_NAMES)
-        image, mask, background = _render(np.random.default_rng([11, k]), label, image_size)
+    n = 3 * len(CLASS_NAMES)
+    indices = np.arange(n)
+    words = _draw_words(11, 0, indices, image_size)
+    images, masks, backgrounds = _render_words(words, indices % len(CLASS_NAMES), image_size, DEFAULT_SCALE)
+    # The batch path that render_batch takes, channels last.
+    public, _, public_masks = render_batch(11, 0, indices, image_size, len(CLASS_NAMES))
+    np.testing.assert_array_equal(public, images.transpose(0, 2, 3, 1))
+    np.testing.assert_array_equal(public_masks, masks)
+    for image, mask, background in zip(public, masks, backgrounds.transpose(0, 2, 3, 1), strict=True):
         assert image.shape == (image_size, image_size, 3) and image.dtype == np.uint8
         assert mask.shape == (image_size, image_size) and mask.dtype == np.bool_
         assert 0 < mask.sum() < mask.size
@@ -88,9 +102,22 @@ def test_mask_is_exactly_the_painted_shape(image_size: int) -> None:
         assert ring.any()
         same = np.all(image[ring] == colour, axis=-1)
         assert same.mean() < 0.05
-        # Minimum contrast against the background it covers.
+        # Minimum contrast against the background it covers, and a bright colour.
         dist = np.linalg.norm(background[mask].astype(float) - colour.astype(float), axis=-1)
         assert np.median(dist) > 40
+        assert colour.max() >= 200
+
+
+def test_background_is_dark_and_cluttered() -> None:
+    """Figure and ground differ in kind: darkish, textured backgrounds under bright shapes."""
+    images, _, masks = render_batch(0, 0, np.arange(64), 32, 10)
+    background = images[~masks].astype(float)
+    assert 30 < background.mean() < 110
+    # Noise and distractors: no background is flat, and neighbouring pixels differ by little
+    # more than the noise on average.
+    for image, mask in zip(images.astype(int), masks, strict=True):
+        steps = np.abs(np.diff(image, axis=1))[~(mask[:, 1:] | mask[:, :-1])]
+        assert 0.5 < steps.mean() < 6
 
 
 def _outer_border(mask: np.ndarray) -> np.ndarray:
@@ -103,29 +130,40 @@ def _outer_border(mask: np.ndarray) -> np.ndarray:
     return grown & ~mask
 
 
-def test_render_shape_image_matches_private_render() -> None:
-    image, mask = render_shape_image(np.random.default_rng(5), 3, 32)
-    image2, mask2, _ = _render(np.random.default_rng(5), 3, 32)
-    np.testing.assert_array_equal(image, image2)
-    np.testing.assert_array_equal(mask, mask2)
+def test_render_shape_image_uses_the_generators_next_draws() -> None:
+    rng = np.random.default_rng(5)
+    image, mask = render_shape_image(rng, 3, 32)
+    words = np.random.default_rng(5).bit_generator.random_raw(_words_per_image(32)).reshape(1, -1)
+    images, masks, _ = _render_words(words, np.array([3]), 32, DEFAULT_SCALE)
+    np.testing.assert_array_equal(image, images[0].transpose(1, 2, 0))
+    np.testing.assert_array_equal(mask, masks[0])
+    # The generator moved on: the next call draws another image.
+    assert not np.array_equal(render_shape_image(rng, 3, 32)[0], image)
+
+
+def _local_mask(name: str, size: int, radius: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Shape ``name`` unrotated, centred on a size x size grid, and the local coordinates
+    (u, v) of the grid's pixel centres."""
+    one = np.ones(1)
+    pose = _Poses(one * size / 2, one * size / 2, one * radius, one, 0 * one)
+    mask = _rasterise(np.array([CLASS_NAMES.index(name)]), pose, size)[0]
+    c = (np.arange(size) + 0.5 - size / 2) / radius
+    u, v = np.meshgrid(c, c)
+    return mask, u, v
 
 
 @pytest.mark.parametrize("name", CLASS_NAMES)
 def test_shapes_fit_unit_disk(name: str) -> None:
     # Positions are sampled assuming every shape lies in its unit disk; this is what keeps the
     # shape fully inside the image.
-    g = np.linspace(-1.5, 1.5, 601)
-    u, v = np.meshgrid(g, g)
-    inside = _shape_mask(name, u, v)
-    assert inside.any()
+    inside, u, v = _local_mask(name, 600, 200.0)
+    assert inside.mean() > 0.05
     assert np.all(u[inside] ** 2 + v[inside] ** 2 <= 1.0 + 1e-9)
 
 
 def test_shapes_are_distinct_at_high_resolution() -> None:
     # Same pose for every class: no two classes may rasterise to the same mask.
-    g = np.linspace(-1.0, 1.0, 64)
-    u, v = np.meshgrid(g, g)
-    masks = [_shape_mask(name, u, v) for name in CLASS_NAMES]
+    masks = [_local_mask(name, 64, 32.0)[0] for name in CLASS_NAMES]
     for i in range(len(masks)):
         for j in range(i + 1, len(masks)):
             assert (masks[i] != masks[j]).mean() > 0.03, (CLASS_NAMES[i], CLASS_NAMES[j])
@@ -263,3 +301,67 @@ def test_shape_scale_sets_the_diameter() -> None:
 def test_datamodule_rejects_a_bad_shape_scale() -> None:
     with pytest.raises(ValueError, match=r"shape_scale must be \[min, max\]"):
         ShapesDataModule(shape_scale=[0.8, 0.4])
+
+
+def test_generator_version() -> None:
+    assert isinstance(GENERATOR_VERSION, int) and GENERATOR_VERSION >= 2
+
+
+def test_each_image_has_its_own_block_of_the_split_stream() -> None:
+    """Image i is rendered from raw draws [i k, (i + 1) k) of the PCG64 stream of (seed, split),
+    whichever images are drawn with it."""
+    k = _words_per_image(16)
+    stream = np.random.PCG64(np.random.SeedSequence([7, 2])).random_raw(6 * k).reshape(6, k)
+    np.testing.assert_array_equal(_draw_words(7, 2, np.array([5, 1, 2, 3, 5]), 16), stream[[5, 1, 2, 3, 5]])
+
+
+@pytest.mark.parametrize(("image_size", "scale"), [(16, DEFAULT_SCALE), (32, (0.4, 0.7)), (48, (0.2, 0.3))])
+def test_render_batch_does_not_depend_on_batching(
+    image_size: int, scale: tuple[float, float], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    n, num_classes = 40, len(CLASS_NAMES)
+    full = render_batch(3, 1, np.arange(n), image_size, num_classes, scale)
+    images, labels, masks = full
+    assert images.shape == (n, image_size, image_size, 3) and images.dtype == np.uint8
+    assert labels.dtype == np.int64 and labels.tolist() == [i % num_classes for i in range(n)]
+    assert masks.shape == (n, image_size, image_size) and masks.dtype == np.bool_
+
+    def check(indices: np.ndarray) -> None:
+        part = render_batch(3, 1, indices, image_size, num_classes, scale)
+        for got, want in zip(part, full, strict=True):
+            np.testing.assert_array_equal(got, want[indices])
+
+    order = np.random.default_rng(0).permutation(n)
+    for indices in (np.arange(7), np.arange(7, 29), np.arange(29, n), order, np.arange(n)[::-1], [17, 17, 3]):
+        check(np.asarray(indices))
+    for i in (0, 13, n - 1):
+        check(np.array([i]))
+    # Internal batches of 1 and of 3 images: other array shapes, same pixels.
+    for batch in (1, 3):
+        monkeypatch.setattr(shapes, "_BATCH_PIXELS", batch * image_size * image_size)
+        check(order)
+
+
+def test_materialize_equals_render_of_each_index() -> None:
+    ds = ShapesDataset(split="test", size=30, image_size=24, num_classes=7, seed=5, shape_scale=(0.3, 0.8))
+    images, labels, masks = ds.materialize()
+    assert images.is_contiguous()
+    for i in range(len(ds)):
+        image, label, mask = ds.render(i)
+        np.testing.assert_array_equal(images[i].permute(1, 2, 0).numpy(), image)
+        np.testing.assert_array_equal(masks[i].numpy(), mask)
+        assert int(labels[i]) == label == i % 7
+    # The dataset is render_batch over its split.
+    batch = render_batch(5, SPLIT_IDS["test"], np.arange(30), 24, 7, (0.3, 0.8))
+    np.testing.assert_array_equal(images.permute(0, 2, 3, 1).numpy(), batch[0])
+
+
+def test_render_batch_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="image_size must be >= 16"):
+        render_batch(0, 0, [0], 8, 10)
+    with pytest.raises(ValueError, match=r"num_classes must be in \[2, "):
+        render_batch(0, 0, [0], 32, 1)
+    with pytest.raises(ValueError, match="shape_scale must be"):
+        render_batch(0, 0, [0], 32, 10, (0.5, 2.0))
+    with pytest.raises(ValueError, match="must be >= 0"):
+        render_batch(0, 0, [3, -1], 32, 10)

@@ -36,7 +36,7 @@ _LAYER_KEYS = ("best_head", "best_head_iou", "union_iou")
 
 
 # DataLoader settings are crate-analyze's own, whatever the training run used
-_LOADER_KEYS = ("batch_size", "num_workers", "pin_memory", "persistent_workers")
+_LOADER_KEYS = ("batch_size", "num_workers", "pin_memory", "persistent_workers", "cache_dir", "decode")
 
 
 def load_checkpoint(cfg: DictConfig) -> Any:
@@ -102,7 +102,7 @@ def _batches(cfg: DictConfig, datamodule: Any) -> List[Tuple[torch.Tensor, torch
     batches, seen = [], 0
     for batch in loader:
         take = cfg.num_images - seen
-        images, labels = batch[0][:take], batch[1][:take]
+        images, labels = datamodule.eval_batch(batch[0][:take]), batch[1][:take]
         masks = batch[2][:take] if len(batch) > 2 else None
         batches.append((images, labels, masks))
         seen += len(images)
@@ -185,7 +185,7 @@ def analyze_whitebox(cfg: DictConfig, model: torch.nn.Module, datamodule: Any, o
 
 
 def _features(
-    model: torch.nn.Module, dataset: Any, limit: int, batch_size: int
+    model: torch.nn.Module, datamodule: Any, dataset: Any, limit: int, batch_size: int
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Pooled features (the class token, or the model's pre-logits) and labels of ``limit``
     images of ``dataset``, drawn at random with a fixed seed: a class-sorted dataset (image
@@ -196,7 +196,7 @@ def _features(
     )
     feats, labels = [], []
     for batch in loader:
-        tokens = model.forward_features(batch[0])
+        tokens = model.forward_features(datamodule.eval_batch(batch[0]))
         pooled = (
             model.forward_head(tokens, pre_logits=True) if hasattr(model, "forward_head") else tokens[:, 0]
         )
@@ -240,11 +240,10 @@ def linear_probe_accuracy(
 def analyze_knn(cfg: DictConfig, model: torch.nn.Module, datamodule: Any) -> Dict[str, Any]:
     # The k-NN memory and the probe see training images as validation images are seen, without
     # the random crops and flips of training (as in DINO's k-NN evaluation).
-    if hasattr(datamodule, "eval_transform"):
-        datamodule.train_transform = datamodule.eval_transform
     datamodule.setup("fit")
-    train_x, train_y = _features(model, datamodule.train_set, cfg.num_train_images, cfg.batch_size)
-    val_x, val_y = _features(model, datamodule.val_set, cfg.num_images, cfg.batch_size)
+    train_images = datamodule.train_images_for_eval()
+    train_x, train_y = _features(model, datamodule, train_images, cfg.num_train_images, cfg.batch_size)
+    val_x, val_y = _features(model, datamodule, datamodule.val_set, cfg.num_images, cfg.batch_size)
     with torch.enable_grad():
         probe = linear_probe_accuracy(train_x, train_y, val_x, val_y)
     return {

@@ -1,9 +1,16 @@
 """``crate-bench``: training-step throughput and peak memory of crate-lit's CRATE against
-the plain reference formulas and timm's ViT, in one run.
+the plain reference formulas and timm's ViT, in one run; with ``--data``, the input pipeline
+of a crate-train config against its model.
 
 A training step is forward + backward + AdamW step on random images. Each candidate runs in
 its own process so that peak memory (CUDA: max allocated; CPU: peak resident set growth over
 the process before its first step) is its own.
+
+``crate-bench --data [crate-train overrides]`` measures the configured training loader alone
+(workers, the copy to the device and the device-side transforms: what a training step waits
+for) and the model's training step alone at the same per-device batch, and says which of the
+two bounds a run. ``--baseline`` adds torchvision's plain float pipeline on the same files
+(ImageFolder + RandomResizedCrop + flip + ToTensor + Normalize), for data=imagenet.
 """
 
 from __future__ import annotations
@@ -47,7 +54,8 @@ class PlainCrate(Crate):
 def _build(kind: str, args: argparse.Namespace) -> torch.nn.Module:
     import timm
 
-    reference = create_model(args.model, img_size=args.img_size)
+    # the model config's constructor values (crate-bench --data), else the named model's own
+    reference = create_model(args.model, **{"img_size": args.img_size, **getattr(args, "model_kwargs", {})})
     if kind == "crate":
         return reference
     # the reference's shape, for the plain CRATE and for timm's ViT of the same width and depth
@@ -142,7 +150,137 @@ def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
     return results
 
 
+def _loader_rate(loader: Any, to_input: Any, device: torch.device, batches: int, warmup: int) -> float:
+    """Images/s of ``batches`` batches of ``loader`` made model inputs on ``device``, after
+    ``warmup`` batches (worker start-up)."""
+    count, started = 0, None
+    for i, batch in enumerate(loader):
+        if i == warmup:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+        if i >= warmup:
+            count += len(batch[0])
+        to_input(batch)
+        if i + 1 >= warmup + batches:
+            break
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    if started is None or count == 0:
+        raise ValueError(
+            f"the loader gave fewer than {warmup + 1} batches; lower --batches or raise the data size"
+        )
+    return count / (time.perf_counter() - started)
+
+
+def _torchvision_loader(datamodule: Any) -> Any:
+    from torchvision import datasets
+    from torchvision import transforms as T
+
+    hp = datamodule.hparams
+    transform = T.Compose(
+        [
+            T.RandomResizedCrop(hp.image_size),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(datamodule.mean, datamodule.std),
+        ]
+    )
+    dataset = datasets.ImageFolder(f"{hp.root}/train", transform=transform)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=hp.batch_size, shuffle=True, num_workers=hp.num_workers, drop_last=True
+    )
+
+
+def bench_data(
+    overrides: List[str], batches: int, warmup: int, baseline: bool, device: str
+) -> Dict[str, Any]:
+    """Loader-only and model-only training images/s of the crate-train config ``overrides``."""
+    from hydra import compose, initialize_config_dir
+
+    from .modules import to_container
+    from .runs import config_dir
+    from .train import build_datamodule
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    target = torch.device(device)
+    datamodule = build_datamodule(cfg)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+
+    def to_input(batch: Any) -> Any:
+        batch = datamodule.on_before_batch_transfer(batch, 0)
+        images, labels, keys = (x.to(target, non_blocking=True) for x in batch)
+        return datamodule.train_batch(images, keys), labels
+
+    result: Dict[str, Any] = {
+        "data": cfg.data.name,
+        "batch_size": int(datamodule.hparams.batch_size),
+        "num_workers": int(datamodule.hparams.num_workers),
+        "loader_images_per_s": _loader_rate(datamodule.train_dataloader(), to_input, target, batches, warmup),
+    }
+    if baseline:
+        if cfg.data.name != "imagenet":
+            raise ValueError(
+                "--baseline compares with torchvision's ImageFolder pipeline: use it with data=imagenet"
+            )
+
+        def to_float(batch: Any) -> Any:
+            return batch[0].to(target, non_blocking=True)
+
+        loader = _torchvision_loader(datamodule)
+        result["torchvision_images_per_s"] = _loader_rate(loader, to_float, target, batches, warmup)
+    model_kwargs = {k: v for k, v in to_container(cfg.model).items() if k not in ("name", "pretrained")}
+    model_args = argparse.Namespace(
+        model=str(cfg.model.name), img_size=int(cfg.data.image_size), batch_size=result["batch_size"],
+        steps=5, warmup=2, device=device, precision={"bf16-mixed": "bf16", "16-mixed": "fp16"}.get(
+            str(cfg.trainer.precision), "fp32"), compile=bool(cfg.get("compile")), threads=0,
+        candidates=["crate"], model_kwargs=model_kwargs,
+    )  # fmt: skip
+    model = run(model_args)[0]
+    result["model_images_per_s"] = model["images_per_s"]
+    result["bound_by"] = "data" if result["loader_images_per_s"] < model["images_per_s"] else "model"
+    return result
+
+
+def _print_data(result: Dict[str, Any], device: str) -> None:
+    print(
+        f"crate-bench --data: data={result['data']}, batch {result['batch_size']} per device, "
+        f"{result['num_workers']} workers, {device}"
+    )
+    print(f"{'training loader (to model input)':<44}{result['loader_images_per_s']:>10.1f} images/s")
+    if "torchvision_images_per_s" in result:
+        ratio = result["loader_images_per_s"] / result["torchvision_images_per_s"]
+        name, rate = "torchvision float pipeline, same files", result["torchvision_images_per_s"]
+        print(f"{name:<44}{rate:>10.1f} images/s  (crate-lit {ratio:.2f}x)")
+    print(f"{'model training step alone':<44}{result['model_images_per_s']:>10.1f} images/s")
+    print(f"bound by the {result['bound_by']}")
+
+
 def main(argv: List[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--data" in argv:
+        data = argparse.ArgumentParser(prog="crate-bench --data")
+        data.add_argument("--data", action="store_true")
+        data.add_argument("--batches", type=int, default=20, help="timed batches")
+        data.add_argument("--warmup", type=int, default=3, help="batches before timing (worker start-up)")
+        data.add_argument(
+            "--baseline", action="store_true", help="also torchvision's pipeline (data=imagenet)"
+        )
+        data.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        data.add_argument("--json", action="store_true")
+        known, overrides = data.parse_known_args(argv)
+        try:
+            result = bench_data(overrides, known.batches, known.warmup, known.baseline, known.device)
+        except (ValueError, OSError) as err:
+            print(f"crate-bench: error: {str(err).splitlines()[0]}", file=sys.stderr)
+            sys.exit(2)
+        _print_data(result, known.device)
+        if known.json:
+            json.dump(result, sys.stdout, indent=2)
+            print()
+        return
     parser = argparse.ArgumentParser(prog="crate-bench", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="crate_tiny", help="a CRATE classifier name (default crate_tiny)")
     parser.add_argument("--img-size", type=int, default=224)

@@ -62,6 +62,13 @@ class WhiteboxMonitor(L.Callback):
             self._images = torch.cat(images)[: self.num_images]
         return self._images
 
+    @staticmethod
+    def _model_input(trainer: L.Trainer, images: torch.Tensor, device: torch.device) -> torch.Tensor:
+        # the loader's uint8 images become model inputs as validation batches do
+        images = images.to(device)
+        to_input = getattr(trainer.datamodule, "eval_batch", None)
+        return to_input(images) if to_input is not None else images.float()
+
     @torch.no_grad()
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         model = getattr(pl_module, "model", None)
@@ -74,7 +81,7 @@ class WhiteboxMonitor(L.Callback):
         images = self._batch(trainer)
         if images is None:
             return
-        images = images.to(pl_module.device)
+        images = self._model_input(trainer, images, pl_module.device)
         trace = model.trace(images)
         metrics = {}
         for layer in whitebox.layerwise_stats(trace):
@@ -96,6 +103,56 @@ class WhiteboxMonitor(L.Callback):
         # so nothing to reduce over DDP ranks
         pl_module.log_dict(metrics, rank_zero_only=True)
         log_image_file(trainer.loggers, "whitebox/attention", path, trainer.global_step)
+
+
+class ThroughputLogger(L.Callback):
+    """Training images/s and the share of wall time spent waiting for data, per epoch
+    (``perf/images_per_sec``, over all DDP ranks, and ``perf/data_wait_share``).
+
+    Measured on the host: the wait is the time from the end of one training step to the start
+    of the next (fetching the batch, moving it to the device, the device-side transforms'
+    launch). A share near 0 means the model bounds the run; a large one means the input
+    pipeline does (more workers, ``data.decode=gpu``, a cached dataset). The first step of an
+    epoch (worker start-up, compilation) is left out.
+    """
+
+    def __init__(self) -> None:
+        self._last_end: Optional[float] = None
+        self._start = 0.0
+        self._wait = self._total = 0.0
+        self._images = 0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last_end, self._wait, self._total, self._images = None, 0.0, 0.0, 0
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        now = time.perf_counter()
+        if self._last_end is not None:
+            self._wait += self._start - self._last_end
+            self._total += now - self._last_end
+            self._images += len(batch[0])
+        self._last_end = now
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._total <= 0:
+            return
+        rate = self._images / self._total
+        # each rank measures its own share; images/s adds up over ranks
+        pl_module.log_dict(
+            {
+                "perf/images_per_sec": rate * trainer.world_size,
+                "perf/data_wait_share": self._wait / self._total,
+            },
+            sync_dist=False,
+            rank_zero_only=True,
+        )
 
 
 def log_image_file(loggers: Any, key: str, path: Path, step: int) -> None:

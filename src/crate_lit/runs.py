@@ -22,6 +22,14 @@ RUN_MARKERS = (".hydra", "checkpoints", "metrics.csv", "summary.json", "multirun
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
+def config_dir() -> str:
+    """The packaged ``conf/`` (inside the wheel) or, in a source checkout, the top-level one."""
+    packaged = Path(__file__).resolve().parent / "conf"
+    if packaged.is_dir():
+        return str(packaged)
+    return str(Path(__file__).resolve().parents[2] / "conf")
+
+
 def atomic_write(path: os.PathLike | str, write: Callable[[Any], None]) -> Path:
     """``write(handle)`` into a temporary file beside ``path``, then rename it over ``path``: a
     reader sees the old file or the new one, never half of one, and a full disk leaves the old

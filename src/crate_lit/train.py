@@ -29,17 +29,9 @@ from .data.datamodules import DataError
 from .loggers import AppendingCSVLogger
 from .modules import TASKS, CrateClassifier, CrateMAEPretrainer, is_mae, to_container
 from .optim import OPTIMIZERS, SCHEDULES
-from .runs import AtomicCheckpointIO, atomic_write_text, check_resume, disk_full, read_checkpoint
+from .runs import AtomicCheckpointIO, atomic_write_text, check_resume, config_dir, disk_full, read_checkpoint
 
 log = logging.getLogger("crate_lit.train")
-
-
-def config_dir() -> str:
-    """The packaged ``conf/`` (inside the wheel) or, in a source checkout, the top-level one."""
-    packaged = Path(__file__).resolve().parent / "conf"
-    if packaged.is_dir():
-        return str(packaged)
-    return str(Path(__file__).resolve().parents[2] / "conf")
 
 
 class ConfigError(ValueError):

@@ -7,25 +7,42 @@ are read in ``setup`` and while iterating, where problems raise ``DataError`` na
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import pickle
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-import lightning as L
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch import Tensor
+from torch.utils.data import Dataset
 from torchvision.transforms import v2 as T
 
-from .datamodules import DataError, make_loader
+from .datamodules import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DataError,
+    ImageDataModule,
+    InMemoryImages,
+    key_uniform,
+    random_erasing,
+    random_resized_crop_boxes,
+    resized_crops,
+)
+from .jpeg import (
+    center_crop_box,
+    decode_resized_crops,
+    load_crop,
+    random_resized_crop_box,
+    read_jpeg_with_box,
+)
+from .shards import ShardSamples, read_manifest
 
 log = logging.getLogger(__name__)
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 # with skip_corrupt, give up after this many unreadable files in a row: a broken disk or mount
 # should stop the run rather than silently train on nothing
@@ -35,85 +52,75 @@ _COUNTER_SLOTS = 257
 
 __all__ = [
     "CIFARDataModule",
-    "CIFARDataset",
+    "CropReader",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "IMG_EXTENSIONS",
     "ImageFolderDataset",
     "ImageNetDataModule",
+    "ImageNetShardsDataModule",
+    "ShardDataset",
     "TRAIN_TRANSFORMS",
-    "cifar_eval_transform",
-    "cifar_train_transform",
-    "imagenet_eval_transform",
-    "imagenet_train_transform",
     "load_cifar_batch",
-    "mae_train_transform",
 ]
 
 
 # ---------------------------------------------------------------------------------------------
-# transforms
+# reading images: decode, crop and resize in one step, uint8 out
 
 
-def _to_normalized_tensor() -> List[Any]:
-    return [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+class CropReader:
+    """An image file as the model's uint8 (3, size, size) input: a RandomResizedCrop (``scale``
+    given) or the evaluation crop (short side resized to ``resize``, centre ``size`` x ``size``)
+    decoded and resampled in one step (``jpeg.load_crop``). With ``encoded`` a JPEG comes back
+    undecoded with its crop box, for the device to decode (``data.decode=gpu``)."""
+
+    def __init__(
+        self,
+        size: int,
+        scale: Optional[Tuple[float, float]] = None,
+        resize: Optional[int] = None,
+        resample: int = Image.BILINEAR,
+        encoded: bool = False,
+    ) -> None:
+        self.size, self.scale, self.resize, self.resample, self.encoded = (
+            size,
+            scale,
+            resize,
+            resample,
+            encoded,
+        )
+
+    def box(self, width: int, height: int) -> Tuple[float, float, float, float]:
+        if self.scale is None:
+            return center_crop_box(width, height, self.size, self.resize or _default_eval_resize(self.size))
+        # drawn from torch's generator, which KeyedBatches seeded with this image's key
+        return random_resized_crop_box(width, height, scale=self.scale)
+
+    def __call__(self, path: str) -> Any:
+        if self.encoded:
+            try:
+                data, box = read_jpeg_with_box(path, self.box)
+                return data, torch.tensor(box, dtype=torch.float64)
+            except ValueError:  # not a JPEG (ImageNet has a few PNGs named .JPEG): decoded here
+                pass
+        return load_crop(path, self.box, self.size, self.resample)
 
 
-def imagenet_train_transform(image_size: int) -> T.Compose:
-    """Standard ImageNet training augmentation: random resized crop and horizontal flip."""
-    return T.Compose(
-        [T.RandomResizedCrop(image_size, antialias=True), T.RandomHorizontalFlip(), *_to_normalized_tensor()]
-    )
-
-
-def mae_train_transform(image_size: int) -> T.Compose:
-    """MAE pre-training augmentation: larger crop range, bicubic resampling, flip."""
-    return T.Compose(
-        [
-            T.RandomResizedCrop(
-                image_size, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC, antialias=True
-            ),
-            T.RandomHorizontalFlip(),
-            *_to_normalized_tensor(),
-        ]
-    )
-
-
-def imagenet_eval_transform(image_size: int, resize: Optional[int] = None) -> T.Compose:
-    """Resize the short side to ``resize`` (default ``image_size / 0.875``), then center-crop."""
-    resize = _default_eval_resize(image_size) if resize is None else resize
-    return T.Compose([T.Resize(resize, antialias=True), T.CenterCrop(image_size), *_to_normalized_tensor()])
-
-
-TRAIN_TRANSFORMS: Dict[str, Callable[[int], T.Compose]] = {
-    "imagenet": imagenet_train_transform,
-    "mae": mae_train_transform,
+# train_transform recipes: RandomResizedCrop scale range and resampling
+TRAIN_TRANSFORMS: Dict[str, Tuple[Tuple[float, float], int]] = {
+    # ImageNet classification: RandomResizedCrop(image_size) + flip
+    "imagenet": ((0.08, 1.0), Image.BILINEAR),
+    # MAE pre-training: RandomResizedCrop(image_size, scale=(0.2, 1.0), bicubic) + flip
+    "mae": ((0.2, 1.0), Image.BICUBIC),
 }
 
 
-def cifar_train_transform(image_size: int, randaugment: bool = True) -> T.Compose:
-    """Fine-tuning recipe: upscale, random resized crop, flip, RandAugment(2, 14).
-
-    Normalised with the ImageNet statistics, not CIFAR's, because the models are pre-trained on
-    ImageNet and fine-tuning should feed them inputs on the scale they were trained with.
-    """
-    steps: List[Any] = [T.ToImage()]
-    if image_size != 32:
-        steps.append(T.Resize(image_size, antialias=True))
-    steps += [T.RandomResizedCrop(image_size, antialias=True), T.RandomHorizontalFlip()]
-    if randaugment:
-        steps.append(T.RandAugment(num_ops=2, magnitude=14))  # on uint8, before scaling to float
-    steps += [T.ToDtype(torch.float32, scale=True), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    return T.Compose(steps)
-
-
-def cifar_eval_transform(image_size: int) -> T.Compose:
-    """Upscale (when ``image_size`` is not 32) and normalise with the ImageNet statistics."""
-    steps: List[Any] = [T.ToImage()]
-    if image_size != 32:
-        steps.append(T.Resize(image_size, antialias=True))
-    steps += [T.ToDtype(torch.float32, scale=True), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    return T.Compose(steps)
+def _collate_encoded(items: List[Tuple[Any, Any]]) -> Tuple[Any, ...]:
+    """Batches of ``data.decode=gpu`` reads: JPEG bytes differ in length, so payloads stay a
+    list (bytes with their boxes, or images decoded in the worker)."""
+    payloads = [item[0] for item in items]
+    return payloads, torch.tensor([int(item[1]) for item in items])
 
 
 def _default_eval_resize(image_size: int) -> int:
@@ -195,19 +202,21 @@ def _shared_counters(slots: int) -> torch.Tensor:
 
 class ImageFolderDataset(Dataset):
     """Images in ``split_dir/<class>/...``, labelled by ``class_to_idx``; classes missing from it are
-    an error. Unreadable images raise an error naming the file, or with ``skip_corrupt`` are replaced
-    by the next readable one and counted.
+    an error. ``read(path)`` turns a file into the item's image (``CropReader``: uint8 crops).
+    Unreadable images raise an error naming the file, or with ``skip_corrupt`` are replaced by the
+    next readable one and counted.
     """
 
     def __init__(
         self,
         split_dir: str,
         class_to_idx: Dict[str, int],
-        transform: Optional[Callable[[Image.Image], Any]] = None,
+        read: Callable[[str], Any],
         skip_corrupt: bool = False,
     ) -> None:
         self.split_dir = str(split_dir)
-        self.transform = transform
+        self.read = read
+        self.collate = _collate_encoded if getattr(read, "encoded", False) else None
         self.skip_corrupt = skip_corrupt
         classes = list_class_folders(self.split_dir)
         unknown = sorted(set(classes) - set(class_to_idx))
@@ -235,7 +244,12 @@ class ImageFolderDataset(Dataset):
         return len(self._paths)
 
     def path(self, index: int) -> str:
+        """Where image ``index`` is, as error messages name it."""
         return os.path.join(self.split_dir, self._paths[index])
+
+    def source(self, index: int) -> Any:
+        """What ``read`` takes for image ``index``: its path (a shard's bytes in ``ShardDataset``)."""
+        return self.path(index)
 
     @property
     def skip_count(self) -> int:
@@ -243,11 +257,10 @@ class ImageFolderDataset(Dataset):
         counted again each time it is hit, e.g. once per epoch; each DDP rank counts its own)."""
         return int(self._skip_counts.sum())
 
-    def load(self, index: int) -> Image.Image:
+    def load(self, index: int) -> Any:
         path = self.path(index)
         try:
-            with Image.open(path) as img:
-                return img.convert("RGB")  # also decodes: grayscale, CMYK, palette become RGB
+            return self.read(self.source(index))  # grayscale, CMYK, palette images come out RGB
         # PIL signals broken files with many exception types (OSError, SyntaxError, struct.error, ...)
         except Exception as err:
             raise DataError(
@@ -274,8 +287,6 @@ class ImageFolderDataset(Dataset):
                     raise
                 self._record_skip(current, err)
                 continue
-            if self.transform is not None:
-                image = self.transform(image)
             return image, int(self.labels[current])
         raise DataError(
             f"{MAX_CONSECUTIVE_SKIPS} unreadable images in a row from {self.path(index)} on; "
@@ -283,11 +294,46 @@ class ImageFolderDataset(Dataset):
         )
 
 
-class ImageNetDataModule(L.LightningDataModule):
+class ShardDataset(ImageFolderDataset):
+    """One split of a ``crate-pack`` folder (``shards.ShardSamples``), read like the class
+    folders it was packed from: same order, labels, readers and error handling."""
+
+    def __init__(
+        self,
+        root: str,
+        split: str,
+        manifest: Dict[str, Any],
+        read: Callable[[Any], Any],
+        skip_corrupt: bool = False,
+    ) -> None:
+        self.split_dir = f"{root}/{split}"
+        self.read = read
+        self.collate = _collate_encoded if getattr(read, "encoded", False) else None
+        self.skip_corrupt = skip_corrupt
+        self.samples = ShardSamples(root, split, manifest)
+        self.labels = self.samples.labels
+        self.classes = list(manifest["classes"])
+        self.skipped: List[str] = []
+        self._skip_counts = _shared_counters(_COUNTER_SLOTS)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def path(self, index: int) -> str:
+        return self.samples.name(index)
+
+    def source(self, index: int) -> Any:
+        return io.BytesIO(self.samples.read(index))
+
+
+class ImageNetDataModule(ImageDataModule):
     """ImageNet (or any dataset) in class folders: ``root/train/<wnid>/*.JPEG``, ``root/val/<wnid>/*``.
 
-    ``train_transform`` picks a recipe from ``TRAIN_TRANSFORMS``; evaluation resizes to ``eval_resize``
-    (default ``image_size / 0.875``) and center-crops ``image_size``.
+    ``train_transform`` picks a recipe from ``TRAIN_TRANSFORMS`` (a RandomResizedCrop, then a
+    horizontal flip on the device); evaluation resizes to ``eval_resize`` (default
+    ``image_size / 0.875``) and center-crops ``image_size``. Workers decode, crop and resize in
+    one step to uint8 (``CropReader``); with ``decode="gpu"`` they only read the JPEG bytes and
+    the GPU decodes each batch (nvjpeg) and crops it there.
     """
 
     def __init__(
@@ -302,9 +348,19 @@ class ImageNetDataModule(L.LightningDataModule):
         skip_corrupt: bool = False,
         train_transform: str = "imagenet",
         eval_resize: Optional[int] = None,
+        decode: str = "cpu",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        if decode not in ("cpu", "gpu"):
+            raise ValueError(
+                f"unknown data.decode {decode!r}; choose cpu (PIL in the workers) or gpu (nvjpeg)"
+            )
+        if decode == "gpu" and not torch.cuda.is_available():
+            raise ValueError(
+                "data.decode=gpu decodes JPEGs on a CUDA GPU, but torch sees none here; "
+                "use data.decode=cpu (the default) on this machine"
+            )
         _check_positive_int("data.image_size", image_size)
         _check_positive_int("data.num_classes", num_classes)
         _check_positive_int("data.batch_size", batch_size)
@@ -322,13 +378,23 @@ class ImageNetDataModule(L.LightningDataModule):
             )
         self.classes = self._check_layout(str(root), num_classes)
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
-        self.train_transform = TRAIN_TRANSFORMS[train_transform](image_size)
-        self.eval_transform = imagenet_eval_transform(image_size, eval_resize)
-        self.train_set: Optional[ImageFolderDataset] = None
-        self.val_set: Optional[ImageFolderDataset] = None
+        scale, resample = TRAIN_TRANSFORMS[train_transform]
+        encoded = decode == "gpu"
+        self.train_reader = CropReader(image_size, scale=scale, resample=resample, encoded=encoded)
+        self.eval_reader = CropReader(image_size, resize=eval_resize, encoded=encoded)
+
+    def _check_layout(self, root: str, num_classes: int) -> List[str]:
+        classes = self.class_folders(root)
+        if len(classes) != num_classes:
+            raise ValueError(
+                f"found {len(classes)} class folders in {os.path.join(root, 'train')} but "
+                f"data.num_classes={num_classes}; set data.num_classes={len(classes)}"
+            )
+        return classes
 
     @staticmethod
-    def _check_layout(root: str, num_classes: int) -> List[str]:
+    def class_folders(root: str) -> List[str]:
+        """The class names of ``root/train`` after checking the layout (one line on a problem)."""
         expected = "expected root/train/<wnid>/*.JPEG and root/val/<wnid>/*.JPEG"
         if not os.path.isdir(root):
             raise FileNotFoundError(f"data.root={root} does not exist or is not a folder; {expected}")
@@ -355,27 +421,52 @@ class ImageNetDataModule(L.LightningDataModule):
                 f"{os.path.join(root, 'train')}, e.g. {', '.join(extra[:5])}; both splits must use the same "
                 "class folder names"
             )
-        if len(classes) != num_classes:
-            raise ValueError(
-                f"found {len(classes)} class folders in {os.path.join(root, 'train')} but "
-                f"data.num_classes={num_classes}; set data.num_classes={len(classes)}"
-            )
         return classes
 
-    def _dataset(self, split: str, transform: Any) -> ImageFolderDataset:
+    def _dataset(self, split: str, read: CropReader) -> ImageFolderDataset:
         hp = self.hparams
         return ImageFolderDataset(
-            os.path.join(str(hp.root), split),
-            self.class_to_idx,
-            transform=transform,
-            skip_corrupt=hp.skip_corrupt,
+            os.path.join(str(hp.root), split), self.class_to_idx, read=read, skip_corrupt=hp.skip_corrupt
         )
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.train_set is None and stage in (None, "fit"):
-            self.train_set = self._dataset("train", self.train_transform)
+            self.train_set = self._dataset("train", self.train_reader)
         if self.val_set is None:
-            self.val_set = self._dataset("val", self.eval_transform)
+            self.val_set = self._dataset("val", self.eval_reader)
+
+    def train_images_for_eval(self) -> Dataset:
+        return self._dataset("train", self.eval_reader)
+
+    def train_batch(self, images: Tensor, keys: Tensor) -> Tensor:
+        flip = key_uniform(keys, stream=4)[:, 0] < 0.5
+        return self.normalize(torch.where(flip[:, None, None, None], images.flip(-1), images))
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self.hparams.decode != "gpu":
+            return batch
+        payloads, *rest = batch
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cuda")
+        return (self.decode_batch(payloads, device), *rest)
+
+    def decode_batch(self, payloads: Sequence[Any], device: torch.device) -> Tensor:
+        """``data.decode=gpu`` batches: (JPEG bytes, box) pairs decoded and cropped on ``device``
+        in one call; images the workers decoded (files that are no JPEG) are copied in."""
+        size = self.hparams.image_size
+        out = torch.empty((len(payloads), 3, size, size), dtype=torch.uint8, device=device)
+        encoded = [i for i, p in enumerate(payloads) if isinstance(p, tuple)]
+        if encoded:
+            crops = decode_resized_crops(
+                [payloads[i][0] for i in encoded],
+                [tuple(payloads[i][1].tolist()) for i in encoded],
+                size,
+                device,
+            )
+            out[encoded] = crops
+        for i, payload in enumerate(payloads):
+            if not isinstance(payload, tuple):
+                out[i] = payload.to(device)
+        return out
 
     @property
     def skipped(self) -> List[str]:
@@ -391,11 +482,27 @@ class ImageNetDataModule(L.LightningDataModule):
         if self.skip_count:
             log.warning("skipped %d unreadable images (data.skip_corrupt=true)", self.skip_count)
 
-    def train_dataloader(self) -> DataLoader:
-        return make_loader(self.train_set, self.hparams, train=True, trainer=self.trainer)
 
-    def val_dataloader(self) -> DataLoader:
-        return make_loader(self.val_set, self.hparams, train=False)
+class ImageNetShardsDataModule(ImageNetDataModule):
+    """``ImageNetDataModule`` over a folder that ``crate-pack`` wrote (WebDataset tar shards and
+    their index, see ``crate_lit.data.shards``) instead of class folders: the same images in
+    the same order, so the same recipe, sampler, DDP split and resume behaviour."""
+
+    def _check_layout(self, root: str, num_classes: int) -> List[str]:
+        self.manifest = read_manifest(root)
+        classes = list(self.manifest["classes"])
+        missing = [split for split in ("train", "val") if split not in self.manifest["splits"]]
+        if missing:
+            raise ValueError(f"{root} has no {' or '.join(missing)} split; pack the dataset again")
+        if len(classes) != num_classes:
+            raise ValueError(
+                f"the shards in {root} hold {len(classes)} classes but data.num_classes={num_classes}; "
+                f"set data.num_classes={len(classes)}"
+            )
+        return classes
+
+    def _dataset(self, split: str, read: CropReader) -> ImageFolderDataset:
+        return ShardDataset(str(self.hparams.root), split, self.manifest, read, self.hparams.skip_corrupt)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -494,29 +601,20 @@ def load_cifar_batch(path: str, label_key: str, num_classes: int) -> Tuple[np.nd
     return np.ascontiguousarray(data.reshape(-1, 3, 32, 32)), labels
 
 
-class CIFARDataset(Dataset):
-    """In-memory CIFAR images (N, 3, 32, 32) uint8 with integer labels."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Optional[Callable] = None) -> None:
-        self.images = torch.from_numpy(images)
-        self.labels = labels
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> Tuple[Any, int]:
-        image = self.images[index]
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, int(self.labels[index])
-
-
-class CIFARDataModule(L.LightningDataModule):
+class CIFARDataModule(ImageDataModule):
     """CIFAR-10 or CIFAR-100 from the python version (``cifar-10-batches-py``/``cifar-100-python``).
 
     ``root`` is the folder holding the extracted folder, or that folder itself. With ``download``,
     missing files are fetched by torchvision in ``prepare_data``; otherwise nothing touches the network.
+
+    The fine-tuning recipe of the released ``finetune.py`` (RandomResizedCrop to ``image_size``
+    straight from the 32 px image, flip, RandAugment(2, 14), ImageNet mean/std,
+    RandomErasing(``random_erasing``); evaluation: Resize to ``image_size``), arranged so that
+    workers touch only 32 px images: RandAugment runs per image in the workers at 32 px, before
+    the crop instead of after it; the crop, its upsampling, the flip, normalisation and erasing
+    run batched on the device (``train_batch``), and evaluation batches are upsampled there.
+    Normalised with the ImageNet statistics, not CIFAR's, because the models are pre-trained on
+    ImageNet and fine-tuning should feed them inputs on the scale they were trained with.
     """
 
     def __init__(
@@ -531,6 +629,7 @@ class CIFARDataModule(L.LightningDataModule):
         pin_memory: bool = True,
         persistent_workers: bool = True,
         randaugment: bool = True,
+        random_erasing: float = 0.0,
     ) -> None:
         super().__init__()
         if variant not in _CIFAR:
@@ -545,11 +644,11 @@ class CIFARDataModule(L.LightningDataModule):
                 f"data.num_classes={num_classes} does not match data.variant={variant} "
                 f"({expected_classes} classes); set data.num_classes={expected_classes}"
             )
-        self.train_transform = cifar_train_transform(image_size, randaugment)
-        self.eval_transform = cifar_eval_transform(image_size)
+        if isinstance(random_erasing, bool) or not 0.0 <= float(random_erasing) <= 1.0:
+            raise ValueError(f"data.random_erasing is a probability in [0, 1], got {random_erasing!r}")
+        # per image, on uint8 32 px images in the workers (torchvision has no batched RandAugment)
+        self.randaugment = T.RandAugment(num_ops=2, magnitude=14) if randaugment else None
         self.classes: Optional[List[str]] = None
-        self.train_set: Optional[CIFARDataset] = None
-        self.val_set: Optional[CIFARDataset] = None
         if not download:
             self._files()  # fail now, not at setup, when the files are not there
 
@@ -613,12 +712,29 @@ class CIFARDataModule(L.LightningDataModule):
                 log.warning(
                     "found %d of the %d training batches; training on those", len(train_files), expected
                 )
-            self.train_set = CIFARDataset(*self._load(train_files), transform=self.train_transform)
+            images, labels = self._load(train_files)
+            self.train_set = InMemoryImages(torch.from_numpy(images), labels, transform=self.randaugment)
         if self.val_set is None:
-            self.val_set = CIFARDataset(*self._load([test_file]), transform=self.eval_transform)
+            images, labels = self._load([test_file])
+            self.val_set = InMemoryImages(torch.from_numpy(images), labels)
 
-    def train_dataloader(self) -> DataLoader:
-        return make_loader(self.train_set, self.hparams, train=True, trainer=self.trainer)
+    def train_batch(self, images: Tensor, keys: Tensor) -> Tensor:
+        side = torch.full((len(images),), images.shape[-1], device=images.device)
+        boxes = random_resized_crop_boxes(keys, side, side)
+        flip = key_uniform(keys, stream=4)[:, 0] < 0.5
+        batch = self.normalize(resized_crops(images, boxes, self.hparams.image_size, flip))
+        if self.hparams.random_erasing > 0:
+            batch = random_erasing(batch, keys, float(self.hparams.random_erasing))
+        return batch
 
-    def val_dataloader(self) -> DataLoader:
-        return make_loader(self.val_set, self.hparams, train=False)
+    def eval_batch(self, images: Tensor) -> Tensor:
+        size = self.hparams.image_size
+        if images.shape[-2:] != (size, size):
+            # upsampling: bilinear with align_corners=False, as PIL's Resize((size, size)) does it
+            images = F.interpolate(images.to(torch.float32), size=(size, size), mode="bilinear")
+        return self.normalize(images)
+
+    def train_images_for_eval(self) -> Dataset:
+        if self.train_set is None:
+            self.setup("fit")
+        return InMemoryImages(self.train_set.images, self.train_set.labels)

@@ -1,22 +1,30 @@
 """Procedural "shapes" image classification dataset.
 
 Every image shows exactly one geometric shape (the class) drawn with hard edges on top of a
-cluttered background. Nothing is downloaded: image ``i`` of a split is generated from a numpy
-generator seeded only by ``(seed, split, i)``, so it is identical on every machine, in every
-process and regardless of access order. Because the shape is painted last with a single flat
-colour, the ground-truth foreground mask is exact, which makes the dataset useful for checking
-whether attention maps segment the object.
+cluttered background. Nothing is downloaded: image ``i`` of a split is generated from its own
+block of raw draws of a PCG64 stream seeded by ``(seed, split)`` (block ``i``, reached by
+jumping ahead), so it depends only on ``(seed, split, i)`` and the image settings: it is
+identical on every machine, in every process and regardless of access order or of which other
+images are generated with it. Because the shape is painted last with a single flat colour, the
+ground-truth foreground mask is exact, which makes the dataset useful for checking whether
+attention maps segment the object.
 
-Only IEEE-exact array arithmetic (``+ - * /``, ``sqrt``, comparisons) is applied to pixel
-arrays; trigonometry is evaluated on Python scalars. Vectorised transcendental functions
-(``np.exp``, ``np.sin``...) may differ in the last bit between CPUs, which could flip a pixel.
+Images are rendered in batches: the random parameters come from each image's block, and all
+pixel work is array arithmetic over the batch. Only IEEE-exact elementwise operations
+(``+ - * /``, ``sqrt``, comparisons, ``rint``, ``floor``, ``ceil``, ``clip``), min/max and
+integer reductions are applied to arrays, each value computed from its own image's numbers
+only, so every pixel comes out the same whatever the batch. Trigonometry is evaluated on
+per-image Python scalars: vectorised transcendental functions (``np.exp``, ``np.sin``...) may
+differ in the last bit between CPUs, or between the SIMD body and the tail of one array, which
+could flip a pixel.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import lru_cache
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -25,11 +33,17 @@ from torch.utils.data import Dataset
 __all__ = [
     "CLASS_NAMES",
     "DEFAULT_SCALE",
+    "GENERATOR_VERSION",
     "MIN_IMAGE_SIZE",
     "SPLIT_IDS",
     "ShapesDataset",
+    "render_batch",
     "render_shape_image",
 ]
+
+# Bump whenever the images that a given (seed, split, index, settings) produces change: a disk
+# cache of generated splits keys on it.
+GENERATOR_VERSION = 2
 
 # Label order matters: ``num_classes=k`` uses the first k names. The most confusable shapes at
 # low resolution (pentagon, hexagon, both close to a circle) come last so the default 10-class
@@ -56,10 +70,45 @@ MIN_IMAGE_SIZE = 16
 DEFAULT_SCALE: tuple[float, float] = (0.5, 0.9)
 # Minimum RGB (0..255) Euclidean distance between the shape colour and every background pixel
 # it covers; keeps the shape visible against the local background.
-_MIN_CONTRAST = 90.0
+_MIN_CONTRAST = 90
 _COLOUR_CANDIDATES = 32
-_NOISE = 3  # uniform integer pixel noise amplitude
+# Pixel noise amplitude: one random byte per value, the difference of its lowest and highest
+# 2-bit fields, a triangular distribution on [-3, 3].
+_NOISE = 3
+_MAX_DISTRACTORS = 5
+_DISTRACTOR_PARAMS = 10  # kind, alpha, RGB, up to 5 geometry parameters
+# A pose that misses every pixel centre (possible at a tiny scale) is redrawn, up to this often.
+_POSE_TRIES = 16
+# Pixels per rendering batch (455 images at 48 px): numpy's cost per call is spread over many
+# images, while the arrays of a batch stay small (tens of MB).
+_BATCH_PIXELS = 1 << 20
 _HEART_D = 0.79  # heart half-diagonal; outermost point ends up at radius ~0.997
+
+# Uniform numbers at the start of an image's block of raw draws, in order. The block ends with
+# the words that hold the pixel noise.
+_UNIFORM_SLOTS: dict[str, int] = {
+    "grey": 1,
+    "tint": 3,
+    "delta": 3,
+    "gradient_angle": 1,
+    "n_distractors": 1,
+    "distractors": _MAX_DISTRACTORS * _DISTRACTOR_PARAMS,
+    "bright_channel": 1,
+    "candidates": _COLOUR_CANDIDATES * 3,
+    "bright": _COLOUR_CANDIDATES,
+    "poses": _POSE_TRIES * 4,  # diameter, x, y, angle
+}
+_SLOT: dict[str, slice] = {}
+_N_UNIFORMS = 0
+for _name, _count in _UNIFORM_SLOTS.items():
+    _SLOT[_name] = slice(_N_UNIFORMS, _N_UNIFORMS + _count)
+    _N_UNIFORMS += _count
+del _name, _count
+
+
+def _words_per_image(image_size: int) -> int:
+    # Pixel noise takes one byte per value, 8 per 64-bit word.
+    return _N_UNIFORMS + -(-image_size * image_size * 3 // 8)
 
 
 def _regular_polygon(n: int, start: float = math.pi / 2) -> np.ndarray:
@@ -68,143 +117,182 @@ def _regular_polygon(n: int, start: float = math.pi / 2) -> np.ndarray:
     return np.array([(math.cos(a), math.sin(a)) for a in angles])
 
 
-def _star_polygon(points: int = 5, inner: float = 0.42) -> np.ndarray:
-    angles = [math.pi / 2 + math.pi * k / points for k in range(2 * points)]
-    radii = [1.0 if k % 2 == 0 else inner for k in range(2 * points)]
-    return np.array([(r * math.cos(a), r * math.sin(a)) for r, a in zip(radii, angles, strict=True)])
+def _star_kites(points: int = 5, inner: float = 0.42) -> tuple[np.ndarray, ...]:
+    """A star as the convex kites (centre, inner corner, tip, inner corner) that tile it."""
+
+    def corner(radius: float, angle: float) -> tuple[float, float]:
+        return radius * math.cos(angle), radius * math.sin(angle)
+
+    kites = []
+    for k in range(points):
+        tip = math.pi / 2 + 2.0 * math.pi * k / points
+        notch = math.pi / points
+        kites.append([(0.0, 0.0), corner(inner, tip - notch), corner(1.0, tip), corner(inner, tip + notch)])
+    return tuple(np.array(kite) for kite in kites)
 
 
-def _normalised(vertices: list[tuple[float, float]]) -> np.ndarray:
-    """Centre a polygon on its bounding-box centre and scale it into the unit disk."""
-    v = np.asarray(vertices, dtype=np.float64)
-    v = v - (v.min(axis=0) + v.max(axis=0)) / 2.0
-    return v / np.sqrt((v**2).sum(axis=1)).max()
+def _normalised(*pieces: list[tuple[float, float]]) -> tuple[np.ndarray, ...]:
+    """Centre convex pieces together on their bounding-box centre and scale them into the unit
+    disk."""
+    v = np.concatenate([np.asarray(p, dtype=np.float64) for p in pieces])
+    centre = (v.min(axis=0) + v.max(axis=0)) / 2.0
+    scale = np.sqrt(((v - centre) ** 2).sum(axis=1)).max()
+    return tuple((np.asarray(p, dtype=np.float64) - centre) / scale for p in pieces)
 
 
-# All shapes live in the unit disk of their local frame, so a centre at least one radius away
-# from every border guarantees the shape is fully inside the image.
-_POLYGONS: dict[str, np.ndarray] = {
-    "square": _regular_polygon(4, math.pi / 4),
-    "triangle": _regular_polygon(3),
-    "pentagon": _regular_polygon(5),
-    "hexagon": _regular_polygon(6),
-    "star": _star_polygon(),
-    "cross": _normalised(
-        [
-            (-0.3, -1),
-            (0.3, -1),
-            (0.3, -0.3),
-            (1, -0.3),
-            (1, 0.3),
-            (0.3, 0.3),
-            (0.3, 1),
-            (-0.3, 1),
-            (-0.3, 0.3),
-            (-1, 0.3),
-            (-1, -0.3),
-            (-0.3, -0.3),
-        ]
+class _Shape(NamedTuple):
+    """A union of convex polygons ([k, 2] vertices) and disks, minus holes; a disk is
+    (centre u, centre v, radius)."""
+
+    pieces: tuple[np.ndarray, ...] = ()
+    disks: tuple[tuple[float, float, float], ...] = ()
+    holes: tuple[tuple[float, float, float], ...] = ()
+
+
+# Built from convex polygons and disks, which keep their kind under any pose, so shapes are tested
+# directly in image coordinates: a convex polygon meets each pixel row in one interval. All
+# shapes live in the unit disk of their local frame, so a centre at least one radius away from
+# every border guarantees the shape is fully inside the image.
+_UNIT_DISK = (0.0, 0.0, 1.0)
+_SHAPES: dict[str, _Shape] = {
+    "circle": _Shape(disks=(_UNIT_DISK,)),
+    "square": _Shape((_regular_polygon(4, math.pi / 4),)),
+    "triangle": _Shape((_regular_polygon(3),)),
+    "star": _Shape(_star_kites()),
+    "cross": _Shape(
+        _normalised(
+            [(-1, -0.3), (1, -0.3), (1, 0.3), (-1, 0.3)], [(-0.3, -1), (0.3, -1), (0.3, 1), (-0.3, 1)]
+        )
     ),
-    "arrow": _normalised(
-        [(-1, -0.2), (0.15, -0.2), (0.15, -0.6), (1, 0), (0.15, 0.6), (0.15, 0.2), (-1, 0.2)]
+    "ring": _Shape(disks=(_UNIT_DISK,), holes=((0.0, 0.0, 0.55),)),
+    "crescent": _Shape(disks=(_UNIT_DISK,), holes=((0.5, 0.0, 0.8),)),
+    "arrow": _Shape(
+        _normalised([(-1, -0.2), (0.15, -0.2), (0.15, 0.2), (-1, 0.2)], [(0.15, -0.6), (1, 0), (0.15, 0.6)])
     ),
-    "l_shape": _normalised([(0, 0), (1, 0), (1, 0.4), (0.4, 0.4), (0.4, 1.3), (0, 1.3)]),
+    # A square standing on its corner plus two disks on its upper sides: the deep notch keeps it
+    # distinct from a circle/triangle even at 32 px. Shifted by 0.26 d to fit the unit disk.
+    "heart": _Shape(
+        (np.array([(1.0, -0.26), (0.0, 0.74), (-1.0, -0.26), (0.0, -1.26)]) * _HEART_D,),
+        disks=tuple(
+            (sign * _HEART_D / 2, 0.24 * _HEART_D, _HEART_D / math.sqrt(2.0)) for sign in (1.0, -1.0)
+        ),
+    ),
+    "l_shape": _Shape(
+        _normalised([(0, 0), (1, 0), (1, 0.4), (0, 0.4)], [(0, 0.4), (0.4, 0.4), (0.4, 1.3), (0, 1.3)])
+    ),
+    "pentagon": _Shape((_regular_polygon(5),)),
+    "hexagon": _Shape((_regular_polygon(6),)),
 }
 
 
-# Edge endpoints (x1, y1, x2, y2) per polygon, precomputed once.
-_POLYGON_EDGES: dict[str, tuple[np.ndarray, ...]] = {
-    name: (v[:, 0], v[:, 1], np.roll(v[:, 0], -1), np.roll(v[:, 1], -1)) for name, v in _POLYGONS.items()
-}
+# Shapes as flat tables of primitives, so that the shapes of a whole batch, whatever their
+# classes, are rasterised with one call per kind of primitive. Polygons are padded to a common
+# vertex count by repeating their last vertex: a zero-length edge never meets a row.
+_MAX_VERTICES = 6
 
 
-def _in_polygon(u: np.ndarray, v: np.ndarray, edges: tuple[np.ndarray, ...]) -> np.ndarray:
-    """Even-odd point-in-polygon test, vectorised over points and edges at once."""
-    x1, y1, x2, y2 = edges
-    pu, pv = u[..., None], v[..., None]
-    straddles = (y1 > pv) != (y2 > pv)
-    dy = np.where(y2 == y1, 1.0, y2 - y1)  # horizontal edges never straddle; avoid 0/0
-    x_cross = x1 + (pv - y1) * (x2 - x1) / dy
-    return (np.count_nonzero(straddles & (pu < x_cross), axis=-1) & 1).astype(bool)
+def _padded(piece: np.ndarray) -> np.ndarray:
+    return np.concatenate([piece, np.repeat(piece[-1:], _MAX_VERTICES - len(piece), axis=0)])
 
 
-def _shape_mask(name: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Membership test for shape ``name`` at local coordinates (u, v) in the unit disk."""
-    if name in _POLYGONS:
-        return _in_polygon(u, v, _POLYGON_EDGES[name])
-    r2 = u * u + v * v
-    if name == "circle":
-        return r2 <= 1.0
-    if name == "ring":
-        return (r2 <= 1.0) & (r2 >= 0.55**2)
-    if name == "crescent":
-        return (r2 <= 1.0) & ((u - 0.5) ** 2 + v * v > 0.8**2)
-    if name == "heart":
-        # A square standing on its corner plus two disks on its upper sides: the deep notch
-        # keeps it distinct from a circle/triangle even at 32 px. Shifted to fit the unit disk.
-        d = _HEART_D
-        y = v + 0.26 * d
-        lobes = (np.abs(u) - d / 2) ** 2 + (y - d / 2) ** 2 <= d * d / 2
-        return (np.abs(u) + np.abs(y) <= d) | lobes
-    raise KeyError(name)
+def _table(field: str) -> tuple[np.ndarray, np.ndarray]:
+    """All primitives of kind ``field`` of _Shape, stacked, and the class of each."""
+    rows = [(label, p) for label, name in enumerate(CLASS_NAMES) for p in getattr(_SHAPES[name], field)]
+    values = [_padded(p) if field == "pieces" else np.array(p) for _, p in rows]
+    return np.array(values, dtype=np.float64), np.array([label for label, _ in rows])
+
+
+# (primitives, their classes, painted or cut out), in painting order: holes last.
+_PRIMITIVES = ((*_table("pieces"), True), (*_table("disks"), True), (*_table("holes"), False))
+
+
+class _Poses(NamedTuple):
+    """m placements (arrays [m]): centre, radius, and cosine/sine of the rotation."""
+
+    cx: np.ndarray
+    cy: np.ndarray
+    radius: np.ndarray
+    cos: np.ndarray
+    sin: np.ndarray
+
+    def place(self, u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Image coordinates [m, k] of local points (u, v), [k] or [m, k]. Image y points down,
+        so shapes appear flipped vertically, which is fine under random rotation."""
+        c, s, r = self.cos[:, None], self.sin[:, None], self.radius[:, None]
+        return self.cx[:, None] + r * (c * u - s * v), self.cy[:, None] + r * (s * u + c * v)
+
+
+def _cos_sin(angles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    # Element by element on purpose: see the module docstring.
+    return np.array([math.cos(a) for a in angles]), np.array([math.sin(a) for a in angles])
 
 
 @lru_cache(maxsize=16)
-def _pixel_grid(image_size: int) -> tuple[np.ndarray, np.ndarray]:
+def _pixel_centres(image_size: int) -> np.ndarray:
     # Pixel centres, so the rasterisation is symmetric and independent of image_size.
     c = np.arange(image_size, dtype=np.float64) + 0.5
-    ys, xs = np.meshgrid(c, c, indexing="ij")
-    ys.setflags(write=False)
-    xs.setflags(write=False)
-    return xs, ys
+    c.setflags(write=False)
+    return c
 
 
-def _render_background(rng: np.random.Generator, image_size: int) -> np.ndarray:
-    """Cluttered uint8 background: colour gradient, low-contrast distractors, pixel noise."""
-    s = float(image_size)
-    xs, ys = _pixel_grid(image_size)
+# Everything is drawn row by row: a convex polygon or a disk meets a pixel row in one interval,
+# so m objects are described by arrays left, right [m, rows], and only the pixels in those
+# intervals are touched. A pixel belongs to an object when its centre lies in [left, right).
 
-    # Random linear gradient between two related, muted and darkish colours (a grey level plus
-    # a tint). Shapes are bright (see _pick_colour), so figure and ground differ in kind, as in
-    # a photo of an object, and a small transformer learns the task in minutes on a CPU.
-    c0 = np.clip(rng.uniform(15.0, 100.0) + rng.uniform(-30.0, 30.0, size=3), 0.0, 255.0)
-    c1 = np.clip(c0 + rng.uniform(-40.0, 40.0, size=3), 0.0, 255.0)
-    theta = rng.uniform(0.0, 2.0 * math.pi)
-    dx, dy = math.cos(theta), math.sin(theta)
-    proj = (xs - s / 2) * dx + (ys - s / 2) * dy
-    t = np.clip(proj / s + 0.5, 0.0, 1.0)[..., None]
-    img = c0 + (c1 - c0) * t
 
-    # Distractors are soft blobs, thin lines and small rectangles: none of them is a class
-    # shape, and they are faint so the label stays unambiguous.
-    for _ in range(int(rng.integers(2, 6))):
-        kind = int(rng.integers(0, 3))
-        alpha = rng.uniform(0.1, 0.3)
-        colour = rng.uniform(0.0, 255.0, size=3)
-        if kind == 0:  # soft blob with quadratic fall-off (no hard edge, unlike the circle)
-            cx, cy = rng.uniform(0.0, s, size=2)
-            rad = rng.uniform(0.1, 0.3) * s
-            w = np.clip(1.0 - ((xs - cx) ** 2 + (ys - cy) ** 2) / (rad * rad), 0.0, 1.0)
-        elif kind == 1:  # thin line segment
-            x0, y0, x1, y1 = rng.uniform(0.0, s, size=4)
-            half_width = rng.uniform(0.4, 0.9) * s / 32.0
-            ex, ey = x1 - x0, y1 - y0
-            length2 = max(ex * ex + ey * ey, 1e-9)
-            tt = np.clip(((xs - x0) * ex + (ys - y0) * ey) / length2, 0.0, 1.0)
-            d2 = (xs - x0 - tt * ex) ** 2 + (ys - y0 - tt * ey) ** 2
-            w = (d2 <= half_width * half_width).astype(np.float64)
-        else:  # small axis-aligned rectangle
-            x0, y0 = rng.uniform(0.0, s, size=2)
-            rw, rh = rng.uniform(0.04, 0.16, size=2) * s
-            w = ((xs >= x0) & (xs < x0 + rw) & (ys >= y0) & (ys < y0 + rh)).astype(np.float64)
-        a = (alpha * w)[..., None]
-        img = img * (1.0 - a) + colour * a
+def _convex_rows(ys: np.ndarray, px: np.ndarray, py: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Intervals (left, right [m, len(ys)]; inf, -inf where they miss) where the rows at
+    heights ys meet m convex polygons with vertices (px, py) [m, k]. [left, right) holds
+    exactly the points that the even-odd rule puts inside, for a ray cast to the right."""
+    # Edges on axis 1 and rows last: numpy is slow on short innermost axes.
+    x1, y1 = px[:, :, None], py[:, :, None]
+    x2, y2 = np.roll(x1, -1, axis=1), np.roll(y1, -1, axis=1)
+    straddles = (y1 > ys) != (y2 > ys)  # [m, edges, rows]
+    slope = (x2 - x1) / np.where(y2 == y1, 1.0, y2 - y1)  # horizontal edges never straddle
+    x_cross = x1 + (ys - y1) * slope
+    return np.where(straddles, x_cross, np.inf).min(axis=1), np.where(straddles, x_cross, -np.inf).max(axis=1)
 
-    out = np.clip(np.rint(img), 0, 255).astype(np.int16)
-    # Integer noise is exactly reproducible (no float rounding); added before the shape is drawn
-    # so that every shape pixel keeps exactly the shape colour.
-    out += rng.integers(-_NOISE, _NOISE + 1, size=out.shape, dtype=np.int16)
-    return np.clip(out, 0, 255).astype(np.uint8)
+
+def _disk_rows(
+    ys: np.ndarray, cx: np.ndarray, cy: np.ndarray, r: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Intervals (left, right [m, len(ys)]) where the rows at heights ys meet m disks."""
+    h2 = (r * r)[:, None] - (ys - cy[:, None]) ** 2
+    h = np.sqrt(np.maximum(h2, 0.0))
+    return np.where(h2 > 0.0, cx[:, None] - h, np.inf), cx[:, None] + h
+
+
+def _row_pixels(left: np.ndarray, right: np.ndarray, image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The pixels in the intervals (left, right [m, image_size]) of m objects, as (row,
+    column), where row counts the m * image_size rows of all objects in order."""
+    lo = np.clip(np.ceil(left - 0.5), 0, image_size).astype(np.intp)
+    hi = np.clip(np.ceil(right - 0.5), 0, image_size).astype(np.intp)
+    lengths = np.maximum(hi - lo, 0).reshape(-1)
+    row = np.repeat(np.arange(lengths.size), lengths)
+    first = np.cumsum(lengths) - lengths  # where each row's pixels start in the output
+    return row, np.arange(row.size) - (first - lo.reshape(-1))[row]
+
+
+def _row_starts(images: np.ndarray, image_size: int, planes: int) -> np.ndarray:
+    """Flat index of pixel (row, 0) of each row of images [m] in an array [n, planes, H, W]."""
+    return ((images[:, None] * planes * image_size + np.arange(image_size)) * image_size).reshape(-1)
+
+
+def _rasterise(labels: np.ndarray, poses: _Poses, image_size: int) -> np.ndarray:
+    """Masks [m, H, W] of the shapes of classes labels [m] at poses [m]."""
+    c = _pixel_centres(image_size)
+    masks = np.zeros(len(labels) * image_size * image_size, dtype=bool)
+    for table, classes, fill in _PRIMITIVES:
+        owner, index = np.nonzero(labels[:, None] == classes)
+        pose = _Poses(*(a[owner] for a in poses))
+        if table.ndim == 3:  # convex polygons [k, vertices, 2]
+            left, right = _convex_rows(c, *pose.place(table[index, :, 0], table[index, :, 1]))
+        else:  # disks [k, (centre u, centre v, radius)]
+            cx, cy = pose.place(table[index, :1], table[index, 1:2])
+            left, right = _disk_rows(c, cx[:, 0], cy[:, 0], pose.radius * table[index, 2])
+        row, column = _row_pixels(left, right, image_size)
+        masks[_row_starts(owner, image_size, 1)[row] + column] = fill
+    return masks.reshape(len(labels), image_size, image_size)
 
 
 def _check_scale(scale: object) -> tuple[float, float]:
@@ -220,81 +308,235 @@ def _check_scale(scale: object) -> tuple[float, float]:
     return low, high
 
 
-def _shape_pose_mask(
-    rng: np.random.Generator, name: str, image_size: int, scale: tuple[float, float] = DEFAULT_SCALE
+def _place_shapes(
+    u: np.ndarray, labels: np.ndarray, image_size: int, scale: tuple[float, float]
 ) -> np.ndarray:
-    """Rasterise shape ``name`` with random scale, rotation and position; returns a bool mask."""
-    s = float(image_size)
-    xs, ys = _pixel_grid(image_size)
-    for _ in range(16):
-        radius = rng.uniform(scale[0], scale[1]) * s / 2.0
-        cx, cy = rng.uniform(radius, s - radius, size=2)
-        angle = rng.uniform(0.0, 2.0 * math.pi)
-        ca, sa = math.cos(angle), math.sin(angle)
-        # Only pixels whose centre lies in the bounding box of the unit disk can be inside.
-        x0, x1 = max(0, math.floor(cx - radius)), min(image_size, math.ceil(cx + radius) + 1)
-        y0, y1 = max(0, math.floor(cy - radius)), min(image_size, math.ceil(cy + radius) + 1)
-        dx = xs[y0:y1, x0:x1] - cx
-        dy = ys[y0:y1, x0:x1] - cy
-        # Inverse rotation maps image coordinates into the shape's local frame; image y points
-        # down, so the shape is flipped vertically, which is fine under random rotation.
-        u = (ca * dx + sa * dy) / radius
-        v = (ca * dy - sa * dx) / radius
-        mask = np.zeros((image_size, image_size), dtype=bool)
-        mask[y0:y1, x0:x1] = _shape_mask(name, u, v)
-        if mask.any():
-            return mask
-    raise RuntimeError(f"could not rasterise a non-empty {name!r}")  # pragma: no cover
+    """Rasterise each image's shape with random size, rotation and position: bool [n, H, W]."""
+    n, s = len(u), float(image_size)
+    poses = u[:, _SLOT["poses"]].reshape(n, _POSE_TRIES, 4)
+    masks = np.empty((n, image_size, image_size), dtype=bool)
+    todo = np.arange(n)
+    for attempt in range(_POSE_TRIES):
+        p = poses[todo, attempt]
+        radius = (scale[0] + (scale[1] - scale[0]) * p[:, 0]) * s / 2.0
+        cx = radius + (s - 2.0 * radius) * p[:, 1]
+        cy = radius + (s - 2.0 * radius) * p[:, 2]
+        cos, sin = _cos_sin(2.0 * math.pi * p[:, 3])
+        masks[todo] = _rasterise(labels[todo], _Poses(cx, cy, radius, cos, sin), image_size)
+        todo = todo[~masks[todo].any(axis=(1, 2))]
+        if not todo.size:
+            return masks
+    raise RuntimeError(f"could not rasterise a non-empty shape for labels {labels[todo]}")  # pragma: no cover
 
 
-def _pick_colour(rng: np.random.Generator, covered: np.ndarray) -> np.ndarray:
-    """Random bright shape colour (one random channel >= 200) far from every background pixel
-    it will cover."""
-    candidates = rng.integers(0, 256, size=(_COLOUR_CANDIDATES, 3)).astype(np.float64)
-    candidates[:, int(rng.integers(0, 3))] = rng.integers(200, 256, size=_COLOUR_CANDIDATES)
-    covered = covered.astype(np.float64)
-    best, best_d2 = candidates[0], -1.0
-    # Taking the first acceptable candidate keeps colours varied; chunks avoid scoring all
-    # candidates when an early one already passes (the usual case).
-    for start in range(0, _COLOUR_CANDIDATES, 8):
-        chunk = candidates[start : start + 8]
-        diff = chunk[:, None, :] - covered[None, :, :]
-        min_d2 = (diff * diff).sum(axis=-1).min(axis=1)
-        ok = np.flatnonzero(min_d2 >= _MIN_CONTRAST**2)
-        if ok.size:
-            return chunk[ok[0]].astype(np.uint8)
-        if min_d2.max() > best_d2:
-            best, best_d2 = chunk[int(np.argmax(min_d2))], float(min_d2.max())
-    return best.astype(np.uint8)
+def _distractor_shapes(
+    kind: int, p: np.ndarray, s: float, centres: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Row intervals (left, right) of m distractors of one kind with parameters p [m, 10], and
+    their opacity at pixel (x, y) as fade_y[y] - fade_x[x]; all [m, image_size], centres being
+    the pixel centres."""
+    alpha = 0.1 + 0.2 * p[:, 1:2]
+    fade_y, fade_x = np.repeat(alpha, len(centres), axis=1), np.zeros((len(p), len(centres)))
+    if kind == 0:  # soft blob with quadratic fall-off (no hard edge, unlike the circle)
+        cx, cy, rad = s * p[:, 5], s * p[:, 6], (0.1 + 0.2 * p[:, 7]) * s
+        left, right = _disk_rows(centres, cx, cy, rad)
+        fade_y = alpha * (1.0 - ((centres - cy[:, None]) / rad[:, None]) ** 2)
+        fade_x = alpha * ((centres - cx[:, None]) / rad[:, None]) ** 2
+    elif kind == 1:  # thin line segment: a long, thin rotated rectangle
+        x0, y0, x1, y1 = (s * p[:, 5 + k] for k in range(4))
+        half_width = (0.4 + 0.5 * p[:, 9]) * s / 32.0
+        length = np.maximum(np.sqrt((x1 - x0) ** 2 + (y1 - y0) ** 2), 1e-9)
+        nx, ny = (y0 - y1) / length * half_width, (x1 - x0) / length * half_width
+        px = np.stack([x0 + nx, x1 + nx, x1 - nx, x0 - nx], axis=1)
+        py = np.stack([y0 + ny, y1 + ny, y1 - ny, y0 - ny], axis=1)
+        left, right = _convex_rows(centres, px, py)
+    else:  # small axis-aligned rectangle
+        x0, y0 = s * p[:, 5], s * p[:, 6]
+        x1, y1 = x0 + (0.04 + 0.12 * p[:, 7]) * s, y0 + (0.04 + 0.12 * p[:, 8]) * s
+        rows = (centres >= y0[:, None]) & (centres < y1[:, None])
+        left, right = np.where(rows, x0[:, None], np.inf), np.where(rows, x1[:, None], -np.inf)
+    return left, right, fade_y, fade_x
 
 
-def _render(
-    rng: np.random.Generator, label: int, image_size: int, scale: tuple[float, float] = DEFAULT_SCALE
+def _add_distractors(img: np.ndarray, u: np.ndarray) -> None:
+    """Composite each image's distractors, in order, into img (float32 [n, 3, H, W])."""
+    n, image_size = len(img), img.shape[-1]
+    s, c, plane = float(image_size), _pixel_centres(image_size), image_size * image_size
+    count = 2 + np.floor(4.0 * u[:, _SLOT["n_distractors"].start])
+    params = u[:, _SLOT["distractors"]].reshape(n, _MAX_DISTRACTORS, _DISTRACTOR_PARAMS)
+    flat = img.reshape(-1)
+    for k in range(_MAX_DISTRACTORS):  # one distractor per image at a time, so in order
+        images = np.flatnonzero(count > k)
+        p = params[images, k]
+        kind = np.floor(3.0 * p[:, 0])
+        left, right, fade_y, fade_x = np.empty((4, len(images), image_size))
+        for kind_id in range(3):
+            sel = np.flatnonzero(kind == kind_id)
+            left[sel], right[sel], fade_y[sel], fade_x[sel] = _distractor_shapes(kind_id, p[sel], s, c)
+        row, column = _row_pixels(left, right, image_size)
+        obj = np.repeat(np.arange(len(images)), image_size)[row]
+        opacity = np.maximum(fade_y.reshape(-1)[row] - fade_x.reshape(-1)[obj * image_size + column], 0.0)
+        opacity = opacity.astype(np.float32)  # the image's precision, so no casts per channel
+        colours = np.ascontiguousarray((255.0 * p[:, 2:5]).T, dtype=np.float32)
+        index = _row_starts(images, image_size, 3)[row] + column
+        for colour in colours:
+            before = np.take(flat, index)
+            flat[index] = before + opacity * (colour[obj] - before)
+            index += plane
+
+
+def _background(u: np.ndarray, noise_words: np.ndarray, image_size: int) -> np.ndarray:
+    """Cluttered uint8 backgrounds, channels first [n, 3, H, W]: colour gradient, pixel noise,
+    faint distractors."""
+    s, c = float(image_size), _pixel_centres(image_size)
+
+    # Random linear gradient between two related, muted and darkish colours (a grey level plus
+    # a tint). Shapes are bright (see _pick_colours), so figure and ground differ in kind, as in
+    # a photo of an object, and a small transformer learns the task in minutes on a CPU. Both
+    # colours stay _NOISE away from 0 and 255, so that no value, with noise and distractors
+    # (convex combinations of colours), leaves [0, 255] and nothing needs clipping.
+    grey = 15.0 + 85.0 * u[:, _SLOT["grey"]]
+    c0 = np.clip(grey + (60.0 * u[:, _SLOT["tint"]] - 30.0), _NOISE, 255 - _NOISE)
+    c1 = np.clip(c0 + (80.0 * u[:, _SLOT["delta"]] - 40.0), _NOISE, 255 - _NOISE)
+    dx, dy = _cos_sin(2.0 * math.pi * u[:, _SLOT["gradient_angle"].start])
+    # The position t = proj / (s sqrt 2) + 1/2 along the gradient stays in [0, 1] without
+    # clipping, so the colour c0 + (c1 - c0) t is the sum of a per-column and a per-row term:
+    # the image is a single broadcast addition.
+    k = 1.0 / (s * math.sqrt(2.0))
+    start, step = c0[:, :, None], (c1 - c0)[:, :, None]
+    columns = start + step * (0.5 + (c - s / 2) * (dx * k)[:, None, None])
+    rows = step * ((c - s / 2) * (dy * k)[:, None, None])
+    img = columns.astype(np.float32)[:, :, None, :] + rows.astype(np.float32)[:, :, :, None]
+
+    # Bytes of the noise words in little-endian order, the same on any machine.
+    octets = np.ascontiguousarray(noise_words, dtype="<u8").view(np.uint8)[:, : img[0].size]
+    img += ((octets & 3).view(np.int8) - (octets >> 6).view(np.int8)).reshape(img.shape)
+    _add_distractors(img, u)
+    return np.rint(img, out=img).astype(np.uint8)
+
+
+def _pick_colours(
+    u: np.ndarray, covered: list[np.ndarray], owner: np.ndarray, starts: np.ndarray
+) -> np.ndarray:
+    """Random bright shape colour per image, uint8 [n, 3] (one random channel >= 200), far from
+    every background pixel it covers (covered: R, G, B of those pixels, of image owner, the
+    pixels of image i from starts[i]): the first of the candidates that is, else the farthest."""
+    n = len(u)
+    candidates = np.floor(256.0 * u[:, _SLOT["candidates"]]).astype(np.int32).reshape(n, -1, 3)
+    channel = np.floor(3.0 * u[:, _SLOT["bright_channel"].start]).astype(np.intp)
+    candidates[np.arange(n), :, channel] = 200 + np.floor(56.0 * u[:, _SLOT["bright"]]).astype(np.int32)
+    # Squared distances are exact integers. The first candidate nearly always passes, so the
+    # others are scored, image by image, only where it does not.
+    d2 = sum((covered[ch] - candidates[:, 0, ch][owner]) ** 2 for ch in range(3))
+    colours = candidates[:, 0].copy()
+    ends = np.r_[starts[1:], len(owner)]
+    for i in np.flatnonzero(np.minimum.reduceat(d2, starts) < _MIN_CONTRAST**2):
+        pixels = slice(starts[i], ends[i])
+        nearest = sum((covered[ch][pixels, None] - candidates[i, :, ch]) ** 2 for ch in range(3)).min(axis=0)
+        ok = np.flatnonzero(nearest >= _MIN_CONTRAST**2)
+        colours[i] = candidates[i, ok[0] if ok.size else int(np.argmax(nearest))]
+    return colours.astype(np.uint8)
+
+
+def _render_words(
+    words: np.ndarray, labels: np.ndarray, image_size: int, scale: tuple[float, float]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Render one sample; returns (image HxWx3 uint8, mask HxW bool, background HxWx3 uint8)."""
-    if not 0 <= label < len(CLASS_NAMES):
-        raise ValueError(f"label must be in [0, {len(CLASS_NAMES) - 1}], got {label}")
+    """Render images from their blocks of raw draws [n, _words_per_image], channels first;
+    returns (images uint8 [n, 3, H, W], masks bool [n, H, W], backgrounds uint8 [n, 3, H, W])."""
+    n, plane = len(words), image_size * image_size
+    # The top 53 bits of a raw draw as a float in [0, 1), exactly as numpy's Generator.random.
+    u = (words[:, :_N_UNIFORMS] >> np.uint64(11)).astype(np.float64) * 2.0**-53
+    background = _background(u, words[:, _N_UNIFORMS:], image_size)
+    masks = _place_shapes(u, labels, image_size, scale)
+    pixel = np.flatnonzero(masks)  # the shape pixels, image by image
+    starts = np.searchsorted(pixel, np.arange(n) * plane)
+    owner = np.repeat(np.arange(n), np.diff(np.r_[starts, pixel.size]))
+    index = pixel + owner * (2 * plane)  # the pixel's red value in [n, 3, H, W]
+    flat = background.reshape(-1)
+    colours = _pick_colours(u, [flat[index + ch * plane].astype(np.int32) for ch in range(3)], owner, starts)
+    images = background.copy()
+    for ch in range(3):
+        images.reshape(-1)[index + ch * plane] = colours[owner, ch]
+    return images, masks, background
+
+
+def _draw_words(seed: int, split_id: int, indices: np.ndarray, image_size: int) -> np.ndarray:
+    """Blocks of raw draws [n, _words_per_image] of the given images of a split's stream."""
+    k = _words_per_image(image_size)
+    sequence = np.random.SeedSequence([seed, split_id])
+    unique, inverse = np.unique(indices, return_inverse=True)
+    words = np.empty((len(unique), k), dtype=np.uint64)
+    # Consecutive indices are one stretch of the stream: one jump ahead and one draw per run.
+    breaks = np.flatnonzero(np.diff(unique) != 1) + 1
+    for start, stop in zip(np.r_[0, breaks], np.r_[breaks, len(unique)], strict=True):
+        stream = np.random.PCG64(sequence).advance(int(unique[start]) * k)
+        words[start:stop] = stream.random_raw((stop - start) * k).reshape(-1, k)
+    return words[inverse.reshape(-1)]
+
+
+def _check_image_size(image_size: int) -> None:
     if image_size < MIN_IMAGE_SIZE:
         raise ValueError(f"image_size must be >= {MIN_IMAGE_SIZE}, got {image_size}")
+
+
+def _check_num_classes(num_classes: int) -> None:
+    if not 2 <= num_classes <= len(CLASS_NAMES):
+        raise ValueError(f"num_classes must be in [2, {len(CLASS_NAMES)}], got {num_classes}")
+
+
+def render_batch(
+    seed: int,
+    split_id: int,
+    indices: Sequence[int] | np.ndarray,
+    image_size: int,
+    num_classes: int,
+    scale: Sequence[float] = DEFAULT_SCALE,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Samples ``indices`` of split ``split_id``: (images uint8 [n, H, W, 3], labels int64 [n],
+    bool masks [n, H, W]). Label ``i % num_classes``, so every class count differs by at most 1.
+
+    Each image depends only on (seed, split_id, index, image_size, num_classes, scale), not on
+    the other indices of the call or their order. ``scale``: range of the shape's diameter as a
+    fraction of the image side. Each mask is exactly the set of pixels painted with the image's
+    (single) shape colour.
+    """
+    _check_image_size(image_size)
+    _check_num_classes(num_classes)
     scale = _check_scale(scale)
-    background = _render_background(rng, image_size)
-    mask = _shape_pose_mask(rng, CLASS_NAMES[label], image_size, scale)
-    colour = _pick_colour(rng, background[mask])
-    image = background.copy()
-    image[mask] = colour
-    return image, mask, background
+    indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+    if seed < 0 or split_id < 0 or (indices < 0).any():
+        raise ValueError(
+            f"seed, split_id and indices must be >= 0, got {seed}, {split_id} and {indices.min(initial=0)}"
+        )
+    n = len(indices)
+    labels = indices % num_classes
+    # Rendered channels first (fast array arithmetic) and returned as a [n, H, W, 3] view of
+    # that buffer, so that the permute back to [n, 3, H, W] for torch copies nothing.
+    images = np.empty((n, 3, image_size, image_size), dtype=np.uint8)
+    masks = np.empty((n, image_size, image_size), dtype=bool)
+    batch = max(1, _BATCH_PIXELS // (image_size * image_size))
+    for start in range(0, n, batch):
+        part = slice(start, start + batch)
+        words = _draw_words(seed, split_id, indices[part], image_size)
+        images[part], masks[part], _ = _render_words(words, labels[part], image_size, scale)
+    return images.transpose(0, 2, 3, 1), labels, masks
 
 
 def render_shape_image(
-    rng: np.random.Generator, label: int, image_size: int, scale: tuple[float, float] = DEFAULT_SCALE
+    rng: np.random.Generator, label: int, image_size: int, scale: Sequence[float] = DEFAULT_SCALE
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Render one image of class ``label``; returns (uint8 HxWx3 image, bool HxW mask).
+    """Render one image of class ``label`` from ``rng``'s next raw draws; returns (uint8 HxWx3
+    image, bool HxW mask).
 
     ``scale``: range of the shape's diameter as a fraction of the image side. The mask is
     exactly the set of pixels painted with the (single) shape colour.
     """
-    image, mask, _ = _render(rng, label, image_size, scale)
-    return image, mask
+    if not 0 <= label < len(CLASS_NAMES):
+        raise ValueError(f"label must be in [0, {len(CLASS_NAMES) - 1}], got {label}")
+    _check_image_size(image_size)
+    words = rng.bit_generator.random_raw(_words_per_image(image_size)).reshape(1, -1)
+    images, masks, _ = _render_words(words, np.array([label]), image_size, _check_scale(scale))
+    return images[0].transpose(1, 2, 0), masks[0]
 
 
 class ShapesDataset(Dataset):
@@ -323,10 +565,8 @@ class ShapesDataset(Dataset):
             raise ValueError(f"split must be one of {tuple(SPLIT_IDS)}, got {split!r}")
         if size < 1:
             raise ValueError(f"size must be >= 1, got {size}")
-        if image_size < MIN_IMAGE_SIZE:
-            raise ValueError(f"image_size must be >= {MIN_IMAGE_SIZE}, got {image_size}")
-        if not 2 <= num_classes <= len(CLASS_NAMES):
-            raise ValueError(f"num_classes must be in [2, {len(CLASS_NAMES)}], got {num_classes}")
+        _check_image_size(image_size)
+        _check_num_classes(num_classes)
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
         self.shape_scale = _check_scale(shape_scale)
@@ -344,13 +584,16 @@ class ShapesDataset(Dataset):
         """Class of sample ``index``: round-robin, so every class count differs by at most 1."""
         return index % self.num_classes
 
+    def _render_batch(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return render_batch(
+            self.seed, SPLIT_IDS[self.split], indices, self.image_size, self.num_classes, self.shape_scale
+        )
+
     def render(self, index: int) -> tuple[np.ndarray, int, np.ndarray]:
         """Generate sample ``index`` from scratch: (uint8 HxWx3 image, label, bool HxW mask)."""
         self._check_index(index)
-        rng = np.random.default_rng([self.seed, SPLIT_IDS[self.split], index])
-        label = self.label_of(index)
-        image, mask = render_shape_image(rng, label, self.image_size, self.shape_scale)
-        return image, label, mask
+        images, labels, masks = self._render_batch(np.array([index]))
+        return images[0], int(labels[0]), masks[0]
 
     def materialize(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Whole split as (images uint8 [N,3,H,W], labels int64 [N], masks bool [N,H,W]).
@@ -359,12 +602,7 @@ class ShapesDataset(Dataset):
         they start) reuse the same tensors.
         """
         if self._cache is None:
-            n, h = self.size, self.image_size
-            images = np.empty((n, h, h, 3), dtype=np.uint8)
-            labels = np.empty(n, dtype=np.int64)
-            masks = np.empty((n, h, h), dtype=bool)
-            for i in range(n):
-                images[i], labels[i], masks[i] = self.render(i)
+            images, labels, masks = self._render_batch(np.arange(self.size))
             self._cache = (
                 torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
                 torch.from_numpy(labels),

@@ -82,7 +82,7 @@ def test_accuracy_is_top1_over_all_images_not_the_mean_of_class_recalls(tmp_path
     module.setup("validate")
     model.eval()
     with torch.no_grad():
-        pairs = [(model(x).argmax(1), y) for x, y in module.val_dataloader()]
+        pairs = [(model(module.eval_batch(x)).argmax(1), y) for x, y in module.val_dataloader()]
     predicted, labels = torch.cat([p for p, _ in pairs]), torch.cat([y for _, y in pairs])
     top1 = (predicted == labels).float().mean().item()
     class_mean = torch.stack([(predicted[labels == c] == c).float().mean() for c in range(3)]).mean().item()

@@ -119,6 +119,20 @@ def test_linear_probe_freezes_a_pretrained_mae_encoder(tmp_path):
     assert "model.head.0.weight" not in state  # no affine parameters
 
 
+def _crash(tmp_path: Path, run: Path, args: list, hook: str, condition: str) -> None:
+    """Run crate-train into ``run`` until ``condition`` holds in Lightning hook ``hook``, then
+    end the process like a kill: no clean-up, no final checkpoint."""
+    (tmp_path / "crash.py").write_text(
+        f"import os\nimport lightning as L\n\n\nclass Crash(L.Callback):\n    def {hook}:\n"
+        f"        if {condition}:\n            os._exit(3)\n"
+    )
+    crashed = crate_train(
+        *args, f"hydra.run.dir={run}", "+callbacks.crash._target_=crash.Crash",
+        cwd=tmp_path, env={"PYTHONPATH": str(tmp_path)},
+    )  # fmt: skip
+    assert crashed.returncode == 3, crashed.stderr[-3000:]
+
+
 def test_resume_continues_to_the_same_result(tmp_path):
     """A run killed at the start of its third epoch and resumed with ckpt_path=last ends with the
     same metrics, and the same metrics.csv, as an uninterrupted run."""
@@ -126,19 +140,15 @@ def test_resume_continues_to_the_same_result(tmp_path):
     full = crate_train(*args, f"hydra.run.dir={tmp_path / 'full'}", cwd=tmp_path)
     assert full.returncode == 0, full.stderr[-3000:]
 
-    (tmp_path / "crash.py").write_text(
-        "import os\nimport lightning as L\n\n\n"
-        "class Crash(L.Callback):\n"
-        "    def on_train_epoch_start(self, trainer, pl_module):\n"
-        "        if trainer.current_epoch == 2:\n"
-        "            os._exit(3)  # like a kill: no clean-up, no final checkpoint\n"
-    )
     resumed = tmp_path / "resumed"
-    crashed = crate_train(
-        *args, f"hydra.run.dir={resumed}", "+callbacks.crash._target_=crash.Crash",
-        cwd=tmp_path, env={"PYTHONPATH": str(tmp_path)},
-    )  # fmt: skip
-    assert crashed.returncode == 3 and not (resumed / "summary.json").exists()
+    _crash(
+        tmp_path,
+        resumed,
+        args,
+        "on_train_epoch_start(self, trainer, pl_module)",
+        "trainer.current_epoch == 2",
+    )
+    assert not (resumed / "summary.json").exists()
     rows_before = metric_rows(resumed)
     proc = crate_train(*args, f"hydra.run.dir={resumed}", "ckpt_path=last", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -168,19 +178,9 @@ def test_resume_from_the_middle_of_an_epoch_continues_with_its_remaining_batches
     ]
     full = crate_train(*args, f"hydra.run.dir={tmp_path / 'full'}", cwd=tmp_path)
     assert full.returncode == 0, full.stderr[-3000:]
-    (tmp_path / "crash.py").write_text(
-        "import os\nimport lightning as L\n\n\n"
-        "class Crash(L.Callback):\n"
-        "    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):\n"
-        "        if trainer.global_step == 8:  # the third batch of the second epoch\n"
-        "            os._exit(3)\n"
-    )
     resumed = tmp_path / "resumed"
-    crashed = crate_train(
-        *args, f"hydra.run.dir={resumed}", "+callbacks.crash._target_=crash.Crash",
-        cwd=tmp_path, env={"PYTHONPATH": str(tmp_path)},
-    )  # fmt: skip
-    assert crashed.returncode == 3
+    # at the third batch of the second epoch
+    _crash(tmp_path, resumed, args, "on_train_batch_start(self, trainer, *args)", "trainer.global_step == 8")
     proc = crate_train(*args, f"hydra.run.dir={resumed}", "ckpt_path=last", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ended before the epoch ended" not in proc.stderr  # Lightning sees a resumable loader

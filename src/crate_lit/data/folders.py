@@ -215,9 +215,7 @@ class ImageFolderDataset(Dataset):
         skip_corrupt: bool = False,
     ) -> None:
         self.split_dir = str(split_dir)
-        self.read = read
-        self.collate = _collate_encoded if getattr(read, "encoded", False) else None
-        self.skip_corrupt = skip_corrupt
+        self._init_reading(read, skip_corrupt)
         classes = list_class_folders(self.split_dir)
         unknown = sorted(set(classes) - set(class_to_idx))
         if unknown:
@@ -235,6 +233,11 @@ class ImageFolderDataset(Dataset):
         self._paths = _PathTable(paths)
         self.labels = np.asarray(labels, dtype=np.int64)
         self.classes = classes
+
+    def _init_reading(self, read: Callable[[Any], Any], skip_corrupt: bool) -> None:
+        self.read = read
+        self.collate = _collate_encoded if getattr(read, "encoded", False) else None
+        self.skip_corrupt = skip_corrupt
         # paths skipped by *this* process; the shared counters also see the DataLoader workers, each
         # worker its own slot so that no lock is needed
         self.skipped: List[str] = []
@@ -307,14 +310,10 @@ class ShardDataset(ImageFolderDataset):
         skip_corrupt: bool = False,
     ) -> None:
         self.split_dir = f"{root}/{split}"
-        self.read = read
-        self.collate = _collate_encoded if getattr(read, "encoded", False) else None
-        self.skip_corrupt = skip_corrupt
+        self._init_reading(read, skip_corrupt)
         self.samples = ShardSamples(root, split, manifest)
         self.labels = self.samples.labels
         self.classes = list(manifest["classes"])
-        self.skipped: List[str] = []
-        self._skip_counts = _shared_counters(_COUNTER_SLOTS)
 
     def __len__(self) -> int:
         return len(self.samples)

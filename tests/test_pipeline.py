@@ -5,6 +5,7 @@ cache, and the throughput figures a run logs."""
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import lightning as L
@@ -253,3 +254,26 @@ def test_throughput_logger_tells_a_data_bound_run_from_a_model_bound_one(
     # 8 images a batch: 0.08 s of loading per batch, or 0.04 s of step
     assert (share > 0.8) if data_bound else (share < 0.2)
     assert rate == pytest.approx(8 / (8 * data_delay + step_delay), rel=0.5)
+
+
+def test_crate_bench_data_measures_each_loader_on_the_same_files(imagenet_root) -> None:  # noqa: F811
+    from crate_lit.bench import bench_data
+
+    overrides = [
+        "data=imagenet", f"data.root={imagenet_root}", "data.num_classes=3", "data.image_size=32",
+        "data.eval_resize=36", "data.batch_size=2", "data.num_workers=0", "model=crate_micro",
+    ]  # fmt: skip
+    result = bench_data(overrides, batches=1, warmup=1, baseline=True, device="cpu", rounds=2)
+    rates = ["loader_images_per_s", "workers_images_per_s", "torchvision_images_per_s", "model_images_per_s"]
+    assert all(math.isfinite(result[k]) and result[k] > 0 for k in rates)
+    assert (result["data"], result["batch_size"], result["num_workers"], result["rounds"]) == (
+        "imagenet",
+        2,
+        0,
+        2,
+    )
+    assert result["bound_by"] == (
+        "data" if result["loader_images_per_s"] < result["model_images_per_s"] else "model"
+    )
+    with pytest.raises(ValueError, match="use it with data=imagenet"):
+        bench_data(["data=shapes"], batches=1, warmup=1, baseline=True, device="cpu")

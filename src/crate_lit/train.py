@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf, read_write
 from omegaconf.errors import OmegaConfBaseException
 
 from .callbacks import EMA
+from .configs import exit_on_command_line_error, usage
 from .data import DATAMODULES
 from .data.datamodules import DataError
 from .loggers import AppendingCSVLogger
@@ -365,7 +366,7 @@ def _report(summary: Dict[str, Any], path: Path) -> None:
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def _hydra_main(cfg: DictConfig) -> float | None:
     try:
         summary = run(cfg)
     except ConfigError as err:
@@ -373,6 +374,27 @@ def main(cfg: DictConfig) -> float | None:
         sys.exit(2)
     # the value Hydra sweepers (Optuna) optimise: the metric that picks the best checkpoint
     return summary["best"]["score"]
+
+
+EXAMPLES = (
+    "crate-train                                   # the CPU demo: crate_mini on the built-in shapes",
+    "crate-train model=crate_tiny data=imagenet data.root=/data/imagenet trainer=gpu",
+    "crate-train experiment=cifar_finetune model.pretrained=/ckpt/CRATE_small.pth data.root=/data/cifar",
+    "crate-train -m optimizer=lion,adamw optimizer.lr=1e-4,2e-4   # a sweep, one run per combination",
+    "crate-train debug=fdr                         # one batch through every step; or limit, overfit",
+    "crate-train trainer.max_epochs=20 hydra.run.dir=outputs/<date>/<time> ckpt_path=last   # resume",
+)
+
+
+def main() -> None:
+    """The ``crate-train`` command: its own ``--help``, one line for a mistyped group option or
+    key, then Hydra composes the config and ``run`` trains."""
+    argv = sys.argv[1:]
+    if "--help" in argv or "-h" in argv:
+        print(usage("crate-train", "train", "Train, fine-tune or pre-train a CRATE model.", EXAMPLES))
+        return
+    exit_on_command_line_error("crate-train", "train", argv)
+    _hydra_main()
 
 
 if __name__ == "__main__":

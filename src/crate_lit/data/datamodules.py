@@ -274,6 +274,9 @@ class KeyedBatches(Dataset):
 
     def __getitems__(self, items: Sequence[Any]) -> Tuple[Tensor, ...]:
         if self.keyed:
+            # Lightning's overfit_batches swaps EpochSampler for a sequential sampler of plain
+            # indices: those images keep one key of their own (-1 marks it off the epoch keys)
+            items = [item if isinstance(item, tuple) else (item, stable_seed(-1, int(item))) for item in items]
             indices = [int(index) for index, _ in items]
             keys = torch.tensor([key for _, key in items], dtype=torch.int64)
         else:

@@ -10,8 +10,9 @@ Read top to bottom: the tokenizer, the two steps, one layer, the model, released
 checkpoint mapping, named constructors.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here or in crate_mae.py: torch.fx writes string
+# annotations into the code it generates (``x : _Tensor_``), which TorchScript then cannot resolve,
+# and timm's tests script every registered model after tracing it.
 import math
 import re
 from dataclasses import dataclass, field

@@ -8,8 +8,7 @@ each decoder layer is the transpose of an encoder layer (a linear dictionary map
 MSSA subtracted). Loss on masked patches only.
 """
 
-from __future__ import annotations
-
+# no ``from __future__ import annotations``: see the note at the top of crate.py
 from typing import Any, Dict, Optional, Tuple, Union
 
 import torch

@@ -1,0 +1,130 @@
+"""The command line checked against the configs (crate_lit.configs), the Trainer and debug groups."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import lightning as L
+import pytest
+import yaml
+
+from crate_lit.configs import CommandLineError, check_command_line, group_options, usage
+from test_cli import REPO, crate_train, metric_rows, summary_of
+
+CONF = REPO / "conf"
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["trainer.max_epoch=1"], "unknown key trainer.max_epoch (not in the composed config); did you mean"),
+        (["model.lr=1e-3"], "did you mean optimizer.lr?"),  # the right name under another group
+        (["trainer.batch_size=8"], "did you mean data.batch_size?"),
+        (["model=crate_tiyn"], "unknown model=crate_tiyn; did you mean model=crate_tiny?"),
+        (["model=_crate"], "model=_crate is a base that the model configs build on, not an option"),
+        (["-m", "model=crate_tiny,crate_tiyn"], "did you mean model=crate_tiny?"),  # each value of a sweep
+        (["debug=fdrr"], "unknown debug=fdrr; did you mean debug=fdr?"),
+        (["experiment=cifar_finetune", "data.rooot=/x"], "did you mean data.root?"),  # the groups chosen
+        (["ckpt_path=/données/last.ckpt"], "unquoted; quote its value: ckpt_path='/données/last.ckpt'"),
+    ],
+)  # fmt: skip
+def test_mistakes_on_the_command_line_are_named_with_the_closest_valid_one(argv, expected) -> None:
+    with pytest.raises(CommandLineError) as err:
+        check_command_line("train", argv)
+    assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["trainer.fast_dev_run=true", "trainer.overfit_batches=2"],  # every Trainer argument, no +
+        ["+new_key=1", "++trainer.max_epochs=3", "~logger"],
+        ["-m", "optimizer=lion,adamw", "optimizer.lr=1e-4,2e-4", "--cfg", "job"],
+        ["data=imagenet", "data.root=/data/imagenet", "paths.output_dir=/x"],
+        ["data.shape_scale=[0.3,0.6]", "data.shape_scale.0=0.2"],
+        ["experiment=mae_pretrain", "mask_ratio=0.5", "optimizer.lr=interval(1e-4,1e-2)"],
+        ["hydra/launcher=slurm", "hydra.run.dir=/x", "ckpt_path='/my runs/données.ckpt'"],
+        ["debug=overfit", "scheduler.min_lr_ratio=1.0"],  # keys a group's own defaults bring in
+        ["--config-dir", "/elsewhere", "anything.at_all=1"],  # other configs: not ours to judge
+    ],
+)
+def test_valid_command_lines_pass(argv) -> None:
+    check_command_line("train", argv)
+
+
+def test_analyze_command_lines_are_checked_against_its_own_config() -> None:
+    check_command_line("analyze", ["ckpt_path=x.ckpt", "model=crate_small", "knn_k=5"])
+    with pytest.raises(CommandLineError, match="did you mean knn_k?"):
+        check_command_line("analyze", ["ckpt_path=x.ckpt", "knn_kk=5"])
+
+
+def test_help_lists_groups_and_options_without_the_bases() -> None:
+    text = usage("crate-train", "train", "Train.", ["crate-train debug=fdr"])
+    groups = {
+        line.split()[0] for line in text.splitlines() if line.startswith("  ") and not line.startswith("   ")
+    }
+    assert {"model", "data", "optimizer", "trainer", "debug", "experiment"} <= groups
+    assert " _crate" not in text and "crate_mini*" in text and "shapes*" in text
+    assert "fdr, limit, overfit, profiler" in text and "  crate-train debug=fdr" in text
+    assert group_options("model") == sorted(p.stem for p in (CONF / "model").glob("[!_]*.yaml"))
+
+
+def test_the_trainer_config_holds_every_trainer_argument_with_lightnings_defaults() -> None:
+    shipped = yaml.safe_load((CONF / "trainer" / "default.yaml").read_text())
+    signature = inspect.signature(L.Trainer.__init__).parameters
+    passed_by_crate_lit = {"self", "callbacks", "logger", "plugins", "default_root_dir"}
+    assert set(shipped) == set(signature) - passed_by_crate_lit
+    chosen = {
+        "max_epochs",
+        "devices",
+        "log_every_n_steps",
+        "deterministic",
+        "enable_progress_bar",
+        "precision",
+    }
+    differ = {k for k, v in shipped.items() if v != signature[k].default}
+    assert differ == chosen  # what the yaml's header says differs from Lightning
+
+
+def test_crate_train_help_is_the_crate_lit_page(tmp_path: Path) -> None:
+    proc = crate_train("--help", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("usage: crate-train") and "examples:" in proc.stdout
+    assert "_crate_mae" not in proc.stdout and not (tmp_path / "outputs").exists()
+
+
+# the debug configs set the epochs and batch counts themselves
+TINY = [
+    "model=crate_micro",
+    "data.image_size=32",
+    "data.train_size=128",
+    "data.val_size=32",
+    "data.batch_size=16",
+]
+TINY += ["data.cache_dir=null", "trainer.enable_progress_bar=false"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("debug, steps, epochs", [("fdr", 1, 1), ("limit", 10, 2)])
+def test_debug_group_runs(tmp_path: Path, debug: str, steps: int, epochs: int) -> None:
+    proc = crate_train(*TINY, f"debug={debug}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = next((tmp_path / "outputs").glob("*/*"))
+    summary = summary_of(run)
+    assert (summary["global_step"], summary["epochs"]) == (steps, epochs)
+    saved = sorted(p.name for p in run.glob("checkpoints/*.ckpt"))
+    if debug == "fdr":  # fast_dev_run writes no checkpoint
+        assert saved == []
+    else:
+        assert len(saved) == 2 and saved[0].startswith("best-epoch00") and saved[1] == "last.ckpt"
+
+
+@pytest.mark.slow
+def test_debug_overfit_drives_the_training_loss_down(tmp_path: Path) -> None:
+    proc = crate_train(*TINY, "debug=overfit", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = next((tmp_path / "outputs").glob("*/*"))
+    losses = [float(r["train/loss"]) for r in metric_rows(run) if r.get("train/loss")]
+    assert summary_of(run)["global_step"] == 80  # 2 batches x 40 epochs
+    assert losses[-1] < 0.5 * losses[0], losses

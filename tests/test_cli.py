@@ -139,7 +139,7 @@ def test_cfg_job_prints_the_composed_config(tmp_path):
     assert "img_size: ${data.image_size}" in proc.stdout  # interpolation, not a copied number
     proc = crate_train("--cfg", "job", "experiment=shapes_quick", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "name: crate_micro" in proc.stdout and "max_epochs: 2" in proc.stdout
+    assert "name: crate_micro" in proc.stdout and "max_epochs: 4" in proc.stdout
 
 
 def _uv() -> list[str] | None:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import inspect
+import logging
+import subprocess
 from pathlib import Path
 
 import lightning as L
 import pytest
+import torch
 import yaml
 
 from crate_lit.configs import CommandLineError, check_command_line, group_options, usage
-from test_cli import REPO, crate_train, metric_rows, summary_of
+from test_cli import BIN, REPO, crate_train, metric_rows, one_line_error, summary_of
 
 CONF = REPO / "conf"
 
@@ -128,3 +131,34 @@ def test_debug_overfit_drives_the_training_loss_down(tmp_path: Path) -> None:
     losses = [float(r["train/loss"]) for r in metric_rows(run) if r.get("train/loss")]
     assert summary_of(run)["global_step"] == 80  # 2 batches x 40 epochs
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def _composed(*overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the warning is for machines without a GPU")
+def test_16_bit_precision_on_the_cpu_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    from crate_lit.train import validate
+
+    for precision, warned in (("bf16-mixed", True), ("16-mixed", True), ("32-true", False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="crate_lit.train"):
+            validate(_composed(f"trainer.precision={precision}"))
+        assert ("runs several times slower than trainer.precision=32-true" in caplog.text) == warned
+
+
+def test_crate_analyze_and_crate_bench_check_their_command_lines(tmp_path: Path) -> None:
+    analyze = str(BIN / "crate-analyze")
+    proc = subprocess.run([analyze, "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: crate-analyze"), proc.stderr[-2000:]
+    proc = subprocess.run(
+        [analyze, "ckpt_path=x.ckpt", "knn_kk=5"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert "did you mean knn_k?" in one_line_error(proc, command="crate-analyze")
+    bench = [str(BIN / "crate-bench"), "--data", "data.batch_sise=8"]
+    proc = subprocess.run(bench, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert "did you mean data.batch_size?" in one_line_error(proc, command="crate-bench")

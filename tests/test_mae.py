@@ -265,3 +265,61 @@ def test_probe_classifier_loads_mae_and_probe_checkpoints():
     assert load_pretrained(other, probe.state_dict()).dropped_head == sorted(
         f"head.{k}" for k in probe.head.state_dict()
     )
+
+
+def test_spread_indices_cover_a_class_sorted_set():
+    from crate_lit.callbacks import spread_indices
+
+    labels = [c for c in range(10) for _ in range(50)]  # 500 images sorted by class, as image folders are
+    chosen = spread_indices(len(labels), 8)
+    assert chosen == spread_indices(len(labels), 8) and chosen == sorted(set(chosen))
+    assert len({labels[i] for i in chosen}) == 8  # 8 images, 8 classes (the first 8 images: one)
+    assert {labels[i] for i in spread_indices(len(labels), 20)} == set(range(10))
+    assert spread_indices(5, 8) == [0, 1, 2, 3, 4]
+
+
+def test_reconstruction_grid_shows_images_of_every_class(tmp_path):
+    """A short pre-training on an ImageNet-layout folder whose validation images are sorted by
+    class: the grid's images come from all of its classes, not the first one's."""
+    from pathlib import Path
+
+    import lightning as L
+    from omegaconf import OmegaConf
+    from PIL import Image
+
+    from crate_lit.data.folders import ImageNetDataModule
+    from crate_lit.modules import CrateMAEPretrainer
+    from crate_lit.runs import config_dir
+
+    classes = [f"n{i:08d}" for i in range(4)]
+    for split, count in (("train", 2), ("val", 4)):
+        for c, wnid in enumerate(classes):
+            folder = tmp_path / "imagenet" / split / wnid
+            folder.mkdir(parents=True)
+            for k in range(count):
+                Image.new("RGB", (40, 40), (60 * c, 10 * k, 100)).save(folder / f"{k}.JPEG")
+    datamodule = ImageNetDataModule(
+        str(tmp_path / "imagenet"), image_size=32, eval_resize=32, num_classes=4, batch_size=4,
+        num_workers=0, pin_memory=False, persistent_workers=False,
+    )  # fmt: skip
+
+    def group(name: str) -> dict:  # a config group's file, as crate-train composes it
+        return OmegaConf.to_container(OmegaConf.load(Path(config_dir()) / f"{name}.yaml"))
+
+    module = CrateMAEPretrainer(
+        model={"name": "mae_crate_micro", "img_size": 32},
+        optimizer=group("optimizer/adamw"),
+        scheduler=group("scheduler/constant"),
+        global_batch_size=4,
+        num_reconstructions=4,
+    )
+    trainer = L.Trainer(
+        max_epochs=1, limit_train_batches=1, limit_val_batches=1, num_sanity_val_steps=0,
+        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path / "run"),
+    )  # fmt: skip
+    trainer.fit(module, datamodule=datamodule)
+    # the first 4 validation images (and the only validation batch) are all of class 0
+    assert module._shown_labels == [0, 1, 2, 3]
+    with Image.open(tmp_path / "run" / "reconstructions" / "epoch000.png") as grid:
+        assert grid.format == "PNG" and grid.size[1] > grid.size[0]  # 4 rows of 3

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
+import warnings
 
 import lightning as L
 import pytest
@@ -277,3 +279,20 @@ def test_crate_bench_data_measures_each_loader_on_the_same_files(imagenet_root) 
     )
     with pytest.raises(ValueError, match="use it with data=imagenet"):
         bench_data(["data=shapes"], batches=1, warmup=1, baseline=True, device="cpu")
+
+
+def test_more_workers_than_cores_is_said_once_in_one_line(caplog: pytest.LogCaptureFixture) -> None:
+    cores = len(os.sched_getaffinity(0))
+    shapes = ShapesDataModule(**{**SHAPES, "num_workers": cores + 1}, cache_dir=None)
+    shapes.setup("fit")
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
+        warnings.simplefilter("always")
+        for _ in range(2):  # two epochs of both loaders: torch would warn at each start
+            next(iter(shapes.train_dataloader()))
+            next(iter(shapes.val_dataloader()))
+    ours = [r.getMessage() for r in caplog.records if "data.num_workers" in r.getMessage()]
+    assert ours == [
+        f"data.num_workers={cores + 1} is more than the {cores} CPU cores this process may use: the extra "
+        f"workers wait for a core and take memory; set data.num_workers={cores} or fewer"
+    ]
+    assert not [w for w in caught if "worker processes in total" in str(w.message)]

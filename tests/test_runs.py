@@ -4,21 +4,29 @@ folder per run, atomic files and a full disk, the recipes that need weights, log
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import os
 import shutil
+import signal
+import struct
 import subprocess
+import time
+import zipfile
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from PIL import Image
 
 from crate_lit.data import ImageNetDataModule
-from crate_lit.models import create_model, load_pretrained, to_released_state_dict
-from crate_lit.runs import atomic_write, claim_fresh_folder
+from crate_lit.loggers import AppendingCSVLogger
+from crate_lit.models import CheckpointMismatchError, create_model, load_pretrained, to_released_state_dict
+from crate_lit.models.factory import matching_models
+from crate_lit.runs import atomic_write, claim_fresh_folder, pasteable
 from test_cli import BIN, QUICK, crate_train, metric_rows, one_line_error, summary_of
 
 MICRO = [arg for arg in QUICK if not arg.startswith("trainer.max_epochs")]
@@ -308,3 +316,308 @@ def test_validate_best_is_no_further_epoch_and_logger_none_runs(tmp_path):
     assert summary["metrics_file"] is None and summary["global_step"] == 8
     assert Path(summary["checkpoints"]["last"]).is_file()
     assert not (tmp_path / "quiet" / "metrics.csv").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# issue #12: one line instead of a traceback or an unhelpful word; Ctrl-C and kill; paths that
+# paste back; metrics.csv in natural order
+
+# sends a real signal to the run itself at SIGNAL_EPOCH, SIGNAL_BATCH (when SIGNAL is set)
+SIGNAL = """import os
+import signal
+import lightning as L
+
+
+class Signal(L.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if "SIGNAL" not in os.environ:
+            return
+        at = int(os.environ["SIGNAL_EPOCH"]), int(os.environ["SIGNAL_BATCH"])
+        if (trainer.current_epoch, batch_idx) == at:
+            os.kill(os.getpid(), getattr(signal, os.environ["SIGNAL"]))
+"""
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """The folder of a finished one-epoch crate_micro run (a real .ckpt to damage or resume)."""
+    cwd = tmp_path_factory.mktemp("trained")
+    proc = crate_train(*MICRO, "trainer.max_epochs=1", f"hydra.run.dir={cwd / 'run'}", cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return cwd / "run"
+
+
+def _flip_member(source: Path, target: Path, member: str) -> None:
+    """A copy of the zip archive ``source`` with every 7th byte of ``member`` inverted: still a
+    valid zip (its directory and headers untouched; torch checks no CRC), damaged inside."""
+    data = bytearray(source.read_bytes())
+    with zipfile.ZipFile(source) as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith(member))
+    assert info.compress_type == zipfile.ZIP_STORED
+    name_length, extra_length = struct.unpack("<HH", data[info.header_offset + 26 : info.header_offset + 30])
+    start = info.header_offset + 30 + name_length + extra_length
+    for k in range(0, info.file_size, 7):
+        data[start + k] ^= 0xFF
+    target.write_bytes(bytes(data))
+    assert zipfile.is_zipfile(target)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "case",
+    ["text", "random", "flipped-pretrained", "flipped-resume", "legacy-resume", "other-size", "other-model"],
+)
+def test_files_that_are_no_checkpoint_for_this_run_are_named_in_one_line(tmp_path, trained, case):
+    """Each was a traceback or a line that did not help: `error: 101` for a text file, advice to
+    unpickle a random file with weights_only=False, a UnicodeDecodeError, 'truncated or corrupt'
+    for the legacy format of older released weights, strict=False (which the CLI cannot pass)
+    for weights of another size, a resume that did not say which model the checkpoint holds."""
+    last = trained / "checkpoints" / "last.ckpt"
+    file = tmp_path / "file"
+    if case == "text":
+        file.write_text("this is not a checkpoint\n")
+        args, expected = [f"model.pretrained={file}"], ["is not a PyTorch checkpoint"]
+    elif case == "random":
+        file.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+        args, expected = [f"model.pretrained={file}"], ["is not a PyTorch checkpoint"]
+    elif case.startswith("flipped"):
+        _flip_member(last, file, "data.pkl")
+        key = "model.pretrained" if case == "flipped-pretrained" else "ckpt_path"
+        args, expected = [f"{key}={file}"], ["damaged"]
+    elif case == "legacy-resume":  # released weights in torch.save's format before PyTorch 1.6
+        weights = to_released_state_dict(create_model("crate_micro"))
+        torch.save(weights, file, _use_new_zipfile_serialization=False)
+        args, expected = [f"ckpt_path={file}"], ["holds model weights", "model.pretrained="]
+    elif case == "other-size":  # released weights of crate_mini (width 192, depth 4) for crate_micro
+        torch.save(to_released_state_dict(create_model("crate_mini")), file)
+        args, expected = [f"model.pretrained={file}"], ["width 192, depth 4", "model=crate_mini"]
+    else:  # resume a crate_micro checkpoint as crate_mini
+        args = ["model=crate_mini", f"ckpt_path={last}"]
+        expected = ["different model, model=crate_micro, than this run's model=crate_mini"]
+    line = one_line_error(crate_train(*MICRO, "trainer.max_epochs=1", *args, cwd=tmp_path))
+    assert all(e in line for e in expected), line
+    assert "weights_only=False" not in line and "strict=False" not in line, line
+    assert not (tmp_path / "outputs").exists()  # the failed start left no empty folder behind
+
+
+def test_load_pretrained_names_the_model_of_the_checkpoints_shapes():
+    """CRATE-S weights (width 576, depth 12) given to CRATE-T: the size table names crate_small;
+    strict=False, which skips only missing and unexpected keys, is not offered for shapes."""
+    small = to_released_state_dict(create_model("crate_small", num_classes=10))
+    with pytest.raises(CheckpointMismatchError) as raised:
+        load_pretrained(create_model("crate_tiny", num_classes=10), small)
+    message = str(raised.value)
+    assert "width 576, depth 12" in message and "model=crate_small" in message
+    assert "strict=False" not in message
+    assert matching_models(create_model("crate_base_patch8").state_dict()) == ["crate_base_patch8"]
+    assert matching_models(create_model("mae_crate_mini").state_dict()) == ["mae_crate_mini"]
+
+
+@pytest.mark.slow
+def test_wandb_without_login_or_offline_mode_is_one_line(tmp_path):
+    """No API key anywhere wandb looks (HOME, its config folder, the environment) and no offline
+    mode: wandb refuses before any network access; the line names both ways out."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(home), WANDB_CONFIG_DIR=str(home / "config"), WANDB_CACHE_DIR=str(home / "cache"))
+    env.update(WANDB_DATA_DIR=str(home / "data"), WANDB_DIR=str(home / "dir"), NETRC=str(home / ".netrc"))
+    proc = subprocess.run(
+        [str(BIN / "crate-train"), *MICRO, "trainer.max_epochs=1", "logger=wandb"],
+        cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    line = one_line_error(proc)
+    assert "WANDB_MODE=offline" in line and "wandb login" in line, line
+    assert not (tmp_path / "outputs").exists()  # the failed start left no empty folder behind
+
+
+def _read_only_run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """crate-train with CRATE_LIT_OUTPUTS in a read-only folder: a read-only tmpfs in a mount
+    namespace of its own for root (whom permissions do not stop), a folder without write
+    permission for anyone else."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    command = [str(BIN / "crate-train"), *args]
+    env = {**os.environ, "CRATE_LIT_OUTPUTS": str(folder / "outputs")}
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        try:
+            return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        finally:
+            folder.chmod(0o755)
+    if not _can_mount_tmpfs():
+        pytest.skip("root without unshare/mount: no way to make a folder read-only")
+    script = f'mount -t tmpfs -o ro,size=1m tmpfs "{folder}" && exec "$@"'
+    return subprocess.run(
+        ["unshare", "-m", "sh", "-c", script, "sh", *command],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_outputs_that_cannot_hold_a_run_folder_are_one_line(tmp_path):
+    line = one_line_error(_read_only_run(tmp_path, *MICRO, "trainer.max_epochs=1"))
+    assert "cannot create the run folder" in line and "CRATE_LIT_OUTPUTS=<a writable folder>" in line, line
+    a_file = tmp_path / "outputs-file"
+    a_file.write_text("a file, not a folder\n")
+    proc = crate_train(*MICRO, "trainer.max_epochs=1", cwd=tmp_path, env={"CRATE_LIT_OUTPUTS": str(a_file)})
+    line = one_line_error(proc)
+    assert "cannot create the run folder" in line and "Not a directory" in line, line
+    assert a_file.read_text() == "a file, not a folder\n"
+
+
+@pytest.mark.slow
+def test_cifar_download_without_network_is_one_line(tmp_path):
+    """No network for real and the same on every machine: urllib's proxy is a closed local port."""
+    closed = "http://127.0.0.1:9"
+    env = {"http_proxy": closed, "https_proxy": closed, "HTTP_PROXY": closed, "HTTPS_PROXY": closed}
+    env.update(no_proxy="", NO_PROXY="")
+    args = ["data=cifar10", f"data.root={tmp_path / 'cifar'}", "data.download=true", "model=crate_micro"]
+    args += ["data.image_size=32", "data.num_workers=0", "trainer.max_epochs=1"]
+    started = time.time()
+    line = one_line_error(crate_train(*args, cwd=tmp_path, env=env))
+    assert "data.download=true could not download data=cifar10" in line and "data.root=" in line, line
+    assert time.time() - started < 300
+    assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.slow
+def test_slurm_launcher_off_a_cluster_is_one_line(tmp_path):
+    path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if not Path(p, "srun").exists())
+    proc = crate_train("-m", "hydra/launcher=slurm", *MICRO, "seed=1,2", cwd=tmp_path, env={"PATH": path})
+    line = one_line_error(proc)
+    assert "hydra/launcher=slurm" in line and "no SLURM" in line, line
+    assert not (tmp_path / "outputs").exists()  # refused before the sweep claimed a folder
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="trainer=ddp runs where there is a GPU")
+def test_ddp_on_a_machine_without_gpu_points_to_ddp_sim(tmp_path):
+    line = one_line_error(crate_train(*MICRO, "trainer.max_epochs=1", "trainer=ddp", cwd=tmp_path))
+    assert "trainer=ddp needs a GPU" in line and "trainer=ddp_sim" in line, line
+
+
+@pytest.mark.slow
+def test_a_failed_resume_keeps_the_folder_and_logs_the_error(tmp_path, trained):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    kept = {k: v for k, v in _digest(run).items() if not k.startswith((".hydra", "train.log"))}
+    proc = crate_train(*MICRO, "model=crate_mini", "ckpt_path=last", f"hydra.run.dir={run}", cwd=tmp_path)
+    line = one_line_error(proc)
+    assert {k: v for k, v in _digest(run).items() if k in kept} == kept  # checkpoints, metrics, summary
+    assert (run / "train.log").read_text().splitlines()[-1].endswith(line)
+
+
+@pytest.mark.slow
+def test_ctrl_c_writes_a_summary_and_the_printed_command_resumes_in_a_path_with_spaces(tmp_path):
+    """SIGINT in epoch 1 of 3 (4 steps an epoch) in an outputs folder named with a space and a
+    non-ASCII letter: exit 130, summary.json 'interrupted' at step 6, and one line whose command,
+    pasted into a shell, resumes the run; its report counts the time of both parts, and its
+    checkpoint path pastes back through the shell into Hydra's lexer."""
+    (tmp_path / "signal_at.py").write_text(SIGNAL)
+    outputs = tmp_path / "runs ü"
+    args = [*MICRO, "trainer.max_epochs=3", "+callbacks.signal._target_=signal_at.Signal"]
+    python_path = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p)
+    env = {"PYTHONPATH": python_path, "CRATE_LIT_OUTPUTS": str(outputs)}
+    at = {"SIGNAL": "SIGINT", "SIGNAL_EPOCH": "1", "SIGNAL_BATCH": "2"}
+    proc = crate_train(*args, cwd=tmp_path, env={**env, **at})
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    (summary_path,) = outputs.glob("*/*/summary.json")
+    run = summary_path.parent
+    summary = summary_of(run)
+    assert summary["status"] == "interrupted" and summary["signal"] == "SIGINT"
+    assert summary["global_step"] == 6 and summary["epochs"] == 1
+    line = proc.stderr.splitlines()[-1]
+    assert line.startswith("crate-train: interrupted (SIGINT)") and str(run) in line
+    command = line.split("resume it with: ", 1)[1]
+    assert command.startswith("crate-train ")
+    assert command.endswith(f"ckpt_path=last hydra.run.dir=\"'{run}'\"")  # quoted for the shell and Hydra
+
+    resumed = subprocess.run(
+        ["bash", "-c", f"{BIN}/{command}"], cwd=tmp_path, env={**os.environ, **env},
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = summary_of(run)
+    assert summary["status"] == "finished" and summary["global_step"] == 12
+    assert summary["resumed_from"]["global_step"] == 4  # last.ckpt of epoch 0
+    assert summary["total_wall_time_s"] > summary["wall_time_s"] > 0
+    report = resumed.stdout.splitlines()
+    took = next(r for r in report if " after 3 epochs " in r)
+    total, part = summary["total_wall_time_s"], summary["wall_time_s"]
+    assert f"in {total:.1f} s, {part:.1f} s of them in this run" in took
+
+    # the report's checkpoint path, pasted after ckpt_path= into a shell, reaches Hydra whole
+    printed = next(r for r in report if r.startswith("checkpoint: ")).split(": ", 1)[1]
+    argv = subprocess.run(
+        ["bash", "-c", f"printf '%s' ckpt_path={printed}"], capture_output=True, text=True, check=True
+    ).stdout
+    override = OverridesParser.create().parse_override(argv)
+    assert override.value() == summary["checkpoints"]["best"] and Path(override.value()).is_file()
+
+
+@pytest.mark.slow
+def test_kill_stops_training_with_a_summary(tmp_path):
+    """A real `kill` (SIGTERM) from outside once the first checkpoint is written: the run stops
+    within the epoch it is in (Lightning alone finished the batch and exited 0 without a summary)."""
+    run = tmp_path / "run"
+    command = [str(BIN / "crate-train"), *MICRO, "trainer.max_epochs=200", f"hydra.run.dir={run}"]
+    proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not (run / "checkpoints" / "last.ckpt").exists():
+            assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, stderr[-3000:]
+    summary = summary_of(run)
+    assert summary["status"] == "interrupted" and summary["signal"] == "SIGTERM"
+    assert 4 <= summary["global_step"] < 200 * 4
+    assert stderr.splitlines()[-1].startswith("crate-train: interrupted (SIGTERM)")
+
+
+@pytest.mark.slow
+def test_metrics_columns_in_natural_order_and_lightnings_notices_silenced(tmp_path):
+    """11 layers log whitebox/*_l1 ... _l11: natural order, not l1, l10, l11, l2. The litlogger
+    advert and the LeafSpec deprecation are gone; other warnings are not (the logging interval
+    longer than an epoch, at the default log_every_n_steps)."""
+    args = [a for a in MICRO if not a.startswith("trainer.log_every_n_steps")]
+    run = tmp_path / "run"
+    proc = crate_train(*args, "trainer.max_epochs=1", "model.depth=11", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
+    layers = [h.rsplit("_l", 1)[1] for h in header if h.startswith("whitebox/sparsity_l")]
+    assert layers == [str(i) for i in range(1, 12)], header
+    output = proc.stdout + proc.stderr
+    assert "litlogger" not in output and "LeafSpec" not in output
+    assert "smaller than the logging interval" in output
+
+
+def test_a_resumed_string_sorted_metrics_file_is_rewritten_in_natural_order(tmp_path):
+    """metrics.csv of an earlier run (columns sorted as strings) that a resumed run appends to:
+    the file is rewritten under the natural order once, and every row keeps its values."""
+    old = ["epoch", "step", "whitebox/sparsity_l1", "whitebox/sparsity_l10", "whitebox/sparsity_l2"]
+    (tmp_path / "metrics.csv").write_text(",".join(old) + "\n0,3,0.1,0.10,0.2\n")
+    logger = AppendingCSVLogger(save_dir=str(tmp_path), name="", version="")
+    logger.log_metrics(
+        {"whitebox/sparsity_l1": 0.5, "whitebox/sparsity_l2": 0.6, "whitebox/sparsity_l10": 1}, step=4
+    )
+    logger.save()
+    rows = list(csv.reader((tmp_path / "metrics.csv").open(newline="")))
+    assert rows[0] == ["epoch", "step", *(f"whitebox/sparsity_l{i}" for i in (1, 2, 10))]
+    assert rows[1:] == [["0", "3", "0.1", "0.2", "0.10"], ["", "4", "0.5", "0.6", "1"]]
+
+
+def test_pasteable_paths_survive_the_shell_and_hydras_lexer(tmp_path):
+    parser = OverridesParser.create()
+    for path in ("/plain/2026-12-02/05-02-22/last.ckpt", "/a b/ü/x.ckpt", "/it's/a,b=c/x", '/q"$HOME`!/x'):
+        printed = pasteable(path)
+        argv = subprocess.run(
+            ["bash", "-c", f"printf '%s' ckpt_path={printed}"], capture_output=True, text=True, check=True
+        ).stdout
+        assert parser.parse_override(argv).value() == path, (path, printed)
+    assert pasteable("/plain/2026-12-02/05-02-22/last.ckpt") == "/plain/2026-12-02/05-02-22/last.ckpt"

@@ -59,6 +59,8 @@ def test_every_experiment_runs_on_real_format_files(tmp_path, experiment, reques
     else:
         root = request.getfixturevalue("imagenet_root")
         extra = IMAGENET_FIXTURE
+        if experiment == "mae_pretrain":  # no labels: the 3 class folders pass the default count of 1000
+            extra = [a for a in extra if not a.startswith("data.num_classes=")]
     if experiment == "linear_probe":  # the recipe refuses a backbone without weights
         pretrained = tmp_path / "mae_crate_base.pth"
         torch.save({"model": to_released_state_dict(create_model("mae_crate_base", img_size=32))}, pretrained)

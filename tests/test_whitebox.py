@@ -262,15 +262,84 @@ def test_layerwise_stats_on_trace_and_plot(micro_trace, tmp_path):
     check_png(wb.plot_layerwise(stats, tmp_path / "layerwise.png"))
 
 
+def test_layerwise_panels_say_what_they_plot():
+    """The second panel plots the non-zero fraction (1 - sparsity): its title and its axis
+    must both say so, not call the curve "sparsity" when it falls as sparsity rises."""
+    stats = [
+        dict(layer=1, coding_rate_mean=50.0, coding_rate_std=1.0, sparsity_mean=0.2, sparsity_std=0.01),
+        dict(layer=2, coding_rate_mean=40.0, coding_rate_std=1.0, sparsity_mean=0.7, sparsity_std=0.02),
+    ]
+    for s in stats:
+        s["l0_mean"] = 1 - s["sparsity_mean"]
+    rate, density = wb.layerwise_figure(stats).axes
+    assert list(density.lines[0].get_ydata()) == pytest.approx([0.8, 0.3])
+    for text in (density.get_title(), density.get_ylabel()):
+        assert "non-zero" in text.lower()
+    assert not density.get_title().lower().startswith("sparsity")
+    assert list(rate.lines[0].get_ydata()) == [50.0, 40.0] and "R^c" in rate.get_ylabel()
+    assert all(ax.get_xlabel() for ax in (rate, density))
+
+
+def test_attention_figure_has_title_row_labels_and_a_colour_bar(micro_trace):
+    images, trace = micro_trace
+    maps = wb.cls_attention_maps(trace.layers[-1].attention, trace.extras["grid_size"])
+    masks = wb.attention_masks(maps, images.shape[-2:])
+    fig = wb.attention_figure(
+        images, maps, masks, layer=2, depth=2, source="best-epoch009.ckpt", epoch=9, mask_rule="keep 0.6"
+    )
+    title = fig.get_suptitle()
+    assert "layer 2 of 2" in title and "best-epoch009.ckpt" in title and "epoch 9" in title
+    grid = [ax for ax in fig.axes if ax.get_subplotspec() is not None]
+    assert len(grid) == 2 * 2 * 3  # 2 images x (maps, masks) rows, image + 2 heads
+    # every row is labelled: image i, attention or its masks
+    labels = [grid[row * 3].get_ylabel() for row in range(4)]
+    assert labels == [
+        "image 1\nattention",
+        "image 1\nmasks (keep 0.6)",
+        "image 2\nattention",
+        "image 2\nmasks (keep 0.6)",
+    ]
+    assert [ax.get_title() for ax in grid[:3]] == ["image", "head 0", "head 1"]
+    # one colour bar for every head's map, which share its scale
+    (bar,) = [ax for ax in fig.axes if ax.get_subplotspec() is None]
+    assert "attention" in bar.get_ylabel()
+    heat = [ax.images[0] for ax in grid[1:3]]
+    assert all(h.get_clim() == heat[0].get_clim() for h in heat)
+    assert heat[0].get_clim() == (0.0, pytest.approx(float(maps[:2].max())))
+    # without masks and details: still a title, a label per row, the bar
+    fig = wb.attention_figure(images, maps, None)
+    assert "Class-token attention" in fig.get_suptitle()
+    grid = [ax for ax in fig.axes if ax.get_subplotspec() is not None]
+    assert [grid[row * 3].get_ylabel() for row in range(2)] == ["image 1\nattention", "image 2\nattention"]
+    assert len(fig.axes) == len(grid) + 1
+
+
+def test_the_two_mae_figures_have_distinct_accurate_titles(micro_trace):
+    images, _ = micro_trace
+    kw = dict(mask_ratio=0.75, row_labels=["class 3", "class 7"])
+    pasted = wb.reconstruction_figure(images, images * 0.5, images, visible_pasted=True, **kw)
+    raw = wb.reconstruction_figure(images, images * 0.5, images, visible_pasted=False, source="x.pth", **kw)
+    titles = [[ax.get_title() for ax in fig.axes[:3]] for fig in (pasted, raw)]
+    assert titles[0][:2] == titles[1][:2] == ["original", "masked input\n(75 % removed)"]
+    assert titles[0][2] != titles[1][2]
+    assert "pasted back" in pasted.get_suptitle() and "not pasted" not in pasted.get_suptitle()
+    assert "not pasted back" in raw.get_suptitle()
+    assert "x.pth" in raw.get_suptitle()
+    assert [pasted.axes[i * 3].get_ylabel() for i in range(2)] == ["class 3", "class 7"]
+
+
 def test_figures_write_pngs(micro_trace, tmp_path):
     images, trace = micro_trace
     maps = wb.cls_attention_maps(trace.layers[-1].attention, trace.extras["grid_size"])
     masks = wb.dino_masks(maps)
-    path = wb.plot_attention_grid(images, maps, masks, tmp_path / "sub" / "attention.png")
-    check_png(path, size=(int(3 * 1.6 * 100), int(4 * 1.6 * 100)))  # 1 + 2 heads; 2 rows per image
+    path = wb.plot_attention_grid(images, maps, masks, tmp_path / "sub" / "attention.png", layer=2, depth=2)
+    check_png(path)
+    with Image.open(path) as image:  # 1 + 2 heads (and the colour bar) wide, 2 rows per image
+        assert image.size[0] < image.size[1]
     check_png(wb.plot_attention_grid(images, maps, None, tmp_path / "attention_plain.png"))
     noise = torch.randn_like(images)  # out of [0, 1]: clamped
-    check_png(wb.plot_reconstructions(images, images * 0.5, noise, tmp_path / "recon.png"))
+    recon = wb.plot_reconstructions(images, images * 0.5, noise, tmp_path / "recon.png", visible_pasted=True)
+    check_png(recon)
     feats = trace.layers[-1].subspace[:, :, 1:].transpose(1, 2).flatten(2)  # (B, P, heads * p)
     pca = wb.pca_feature_maps(feats, trace.extras["grid_size"])
     check_png(wb.plot_pca_maps(images, pca, tmp_path / "pca.png"))

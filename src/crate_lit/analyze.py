@@ -2,8 +2,10 @@
 
 ``crate-analyze ckpt_path=PATH data=shapes`` writes, into its own run folder, the layer-wise
 coding rate and sparsity (CSV + figure), class-token attention maps of every head with their
-DINO-style masks, for CRATE-MAE a reconstruction grid and PCA feature maps, on ``data=shapes``
-the segmentation score against the ground-truth masks, and ``report.json`` with every number.
+DINO-style masks, for CRATE-MAE the decoder's output at every patch and PCA feature maps, on
+``data=shapes`` the segmentation score against the ground-truth masks, and ``report.json`` with
+every number. A model is analysed at the image size it was trained at unless
+``data.image_size`` is given.
 ``task=knn`` instead measures k-NN and linear-probe accuracy on frozen features.
 """
 
@@ -13,9 +15,10 @@ import csv
 import inspect
 import json
 import logging
+import math
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import hydra
 import torch
@@ -24,9 +27,13 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from . import whitebox
+from .configs import exit_on_command_line_error, usage
 from .data import DATAMODULES
-from .models import CrateMAE, load_pretrained
+from .models import CrateMAE, CrateMAEClassifier, load_pretrained
+from .models.factory import _unwrap as state_dict_of
+from .models.factory import matching_models
 from .modules import build_classifier, build_model, to_container
+from .runs import read_checkpoint
 from .train import USER_ERRORS, ConfigError, build_datamodule, config_dir
 
 log = logging.getLogger("crate_lit.analyze")
@@ -39,11 +46,18 @@ _LAYER_KEYS = ("best_head", "best_head_iou", "union_iou")
 _LOADER_KEYS = ("batch_size", "num_workers", "pin_memory", "persistent_workers", "cache_dir", "decode")
 
 
-def load_checkpoint(cfg: DictConfig) -> Any:
+def load_checkpoint(cfg: DictConfig) -> Dict[str, Any]:
     path = Path(str(cfg.ckpt_path)).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"ckpt_path={path} does not exist; point it at a .ckpt or released .pth file")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return read_checkpoint(path)
+
+
+def _given_on_command_line() -> set:
+    """The keys set by this run's command-line overrides (``data.image_size``, ...)."""
+    if not HydraConfig.initialized():
+        return set()
+    return {o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
 
 
 def inherit_data_settings(cfg: DictConfig, raw: Any) -> List[str]:
@@ -62,9 +76,7 @@ def inherit_data_settings(cfg: DictConfig, raw: Any) -> List[str]:
             if name in cfg.data and param.default is not param.empty:
                 settings[name] = param.default
     settings.update(saved)
-    given = set()
-    if HydraConfig.initialized():
-        given = {o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
+    given = _given_on_command_line()
     taken = [k for k in settings if k not in _LOADER_KEYS and f"data.{k}" not in given]
     for key in taken:
         value = settings[key]
@@ -72,9 +84,10 @@ def inherit_data_settings(cfg: DictConfig, raw: Any) -> List[str]:
     return taken
 
 
-def load_model(cfg: DictConfig, raw: Any) -> torch.nn.Module:
-    """The model a checkpoint holds: crate-lit checkpoints name it in their hyper-parameters;
-    for a released file, ``model=NAME`` (e.g. ``model=crate_small``) says which to build."""
+def model_config(cfg: DictConfig, raw: Any) -> Tuple[Dict[str, Any], bool]:
+    """The config of the model a checkpoint holds, and whether it is a classifier checkpoint:
+    crate-lit checkpoints name their model in their hyper-parameters; for a released file,
+    ``model=NAME`` (e.g. ``model=crate_small``) says which to build."""
     path = Path(str(cfg.ckpt_path)).expanduser()
     hparams = (raw.get("hyper_parameters") or {}) if isinstance(raw, dict) else {}
     model_cfg = hparams.get("model")
@@ -82,14 +95,74 @@ def load_model(cfg: DictConfig, raw: Any) -> torch.nn.Module:
         if not cfg.get("model"):
             raise ConfigError(f"{path} does not name its model; add model=NAME (e.g. model=crate_small)")
         model_cfg = to_container(cfg.model)
-    model_cfg = {**model_cfg, "pretrained": None}
     # A classification checkpoint (CrateClassifier's hyper-parameters include label_smoothing)
     # of a CRATE-MAE model holds the encoder inside CrateMAEClassifier (the linear probe), not
     # the bare CrateMAE that pre-training checkpoints and released files hold.
-    build = build_classifier if "label_smoothing" in hparams else build_model
-    model = build(model_cfg)
+    return {**model_cfg, "pretrained": None}, "label_smoothing" in hparams
+
+
+def trained_grid(raw: Any) -> Optional[int]:
+    """The side of the square patch grid the checkpoint's position table was trained for (a
+    released file states its image size nowhere else), or None when it has no such table."""
+    try:
+        state = state_dict_of(raw)
+    except ValueError:
+        return None  # load_pretrained says what is wrong with it
+    table = next(
+        (v for k, v in state.items() if k.rsplit(".", 1)[-1] in ("pos_embed", "pos_embedding")), None
+    )
+    if table is None or table.dim() != 3:
+        return None
+    side = math.isqrt(table.shape[1] - 1)  # the class token's row first
+    return side if side * side == table.shape[1] - 1 else None
+
+
+def choose_image_size(
+    cfg: DictConfig, model_cfg: Dict[str, Any], raw: Any
+) -> Tuple[Optional[int], List[str]]:
+    """Analyse a model at the image size it was trained at: a data config's own size (48 px on
+    data=shapes) would feed a released 224 px model images a fifth of the size it knows, on a
+    position table resampled to a few patches. The model's size replaces ``data.image_size``
+    unless the command line gives one, which is kept (and said to be another size).
+    Returns the model's trained size (None when not known) and notes for the user."""
+    patch = model_cfg.get("patch_size")
+    grid = trained_grid(raw)
+    trained = grid * int(patch) if grid and patch else None
+    if trained is None or int(cfg.data.image_size) == trained:
+        return trained, []
+    size, patch = int(cfg.data.image_size), int(patch)
+    if "data.image_size" in _given_on_command_line():
+        new = size // patch
+        return trained, [
+            f"analysing at data.image_size={size} as given; the model was trained at {trained} px, "
+            f"its position table is resampled from {grid} x {grid} to {new} x {new} patches"
+        ]
+    cfg.data.image_size = trained
+    return trained, [
+        f"analysing at data.image_size={trained}, the size the model was trained at ({grid} x {grid} "
+        f"patches of {patch} px), not data={cfg.data.name}'s {size} px; "
+        "give data.image_size= to choose another"
+    ]
+
+
+def load_model(model_cfg: Dict[str, Any], classifier: bool, raw: Any, image_size: int) -> torch.nn.Module:
+    """The model of ``model_cfg`` at ``image_size`` (the images it is given) with the weights
+    of ``raw``."""
+    build = build_classifier if classifier else build_model
+    model = build({**model_cfg, "img_size": image_size})
     load_pretrained(model, raw)
     return model.eval()
+
+
+def model_name(model: torch.nn.Module) -> str:
+    """The ``create_model`` name of ``model``'s width, depth and patch size (a probe is named by
+    its encoder), or its shape in words when no named model has it."""
+    net = model.encoder if isinstance(model, CrateMAEClassifier) else model
+    names = matching_models(net.state_dict())
+    if names:
+        return names[0]
+    shape = f"width {net.embed_dim}, depth {len(net.blocks)}, {net.blocks[0].mssa.num_heads} heads"
+    return f"{type(net).__name__} of {shape}, {net.patch_embed.patch_size} px patches"
 
 
 def _batches(cfg: DictConfig, datamodule: Any) -> List[Tuple[torch.Tensor, torch.Tensor, Any]]:
@@ -120,7 +193,11 @@ def _layer_index(layer: int, depth: int) -> int:
 
 
 @torch.no_grad()
-def analyze_whitebox(cfg: DictConfig, model: torch.nn.Module, datamodule: Any, out: Path) -> Dict[str, Any]:
+def analyze_whitebox(
+    cfg: DictConfig, model: torch.nn.Module, datamodule: Any, out: Path, epoch: Optional[int] = None
+) -> Dict[str, Any]:
+    """The white-box figures and numbers of ``model``; ``epoch`` (a crate-lit checkpoint's)
+    goes into the figures' titles beside the checkpoint's file name."""
     rates, zeros = [], []
     maps, gt_masks, shown = [], [], None
     is_mae = isinstance(model, CrateMAE)
@@ -151,8 +228,17 @@ def analyze_whitebox(cfg: DictConfig, model: torch.nn.Module, datamodule: Any, o
     figure_maps = maps_all[: len(shown)]
     # the figure shows exactly the masks that are scored
     figure_masks = whitebox.attention_masks(figure_maps, shown.shape[-2:], cfg.keep, cfg.upsample)
+    source = Path(str(cfg.ckpt_path)).name
     whitebox.plot_attention_grid(
-        whitebox.denormalize(shown, datamodule), figure_maps, figure_masks, out / "attention.png"
+        whitebox.denormalize(shown, datamodule),
+        figure_maps,
+        figure_masks,
+        out / "attention.png",
+        layer=layer_index + 1,
+        depth=len(maps_by_layer),
+        source=source,
+        epoch=epoch,
+        mask_rule=f"keep {cfg.keep:g}, {cfg.upsample}",
     )
     report: Dict[str, Any] = {
         "layerwise": stats,
@@ -170,17 +256,23 @@ def analyze_whitebox(cfg: DictConfig, model: torch.nn.Module, datamodule: Any, o
     if mae_outputs is not None:
         trace, images = mae_outputs
         n = len(images)
-        masked, recon = model.reconstruction_images(images, trace.output[:n], trace.extras["mask"][:n])
+        # the decoder's output at every patch, the visible ones too: how well it reproduces
+        # what it saw is part of what it learnt (the training grid pastes them back instead)
+        masked, output = model.reconstruction_images(images, trace.output[:n], trace.extras["mask"][:n])
         whitebox.plot_reconstructions(
             whitebox.denormalize(images, datamodule),
             whitebox.denormalize(masked, datamodule),
-            whitebox.denormalize(recon, datamodule),
-            out / "reconstructions.png",
+            whitebox.denormalize(output, datamodule),
+            out / "decoder_output.png",
+            visible_pasted=False,
+            mask_ratio=cfg.mask_ratio,
+            source=source,
+            epoch=epoch,
         )
         features = trace.layers[-1].subspace[:n, :, 1:].transpose(1, 2).flatten(2)
         pca = whitebox.pca_feature_maps(features, trace.extras["grid_size"])
         whitebox.plot_pca_maps(whitebox.denormalize(images, datamodule), pca, out / "pca.png")
-        report["figures"].update({"reconstructions": "reconstructions.png", "pca": "pca.png"})
+        report["figures"].update({"decoder_output": "decoder_output.png", "pca": "pca.png"})
     return report
 
 
@@ -257,24 +349,33 @@ def analyze_knn(cfg: DictConfig, model: torch.nn.Module, datamodule: Any) -> Dic
 def run(cfg: DictConfig) -> Dict[str, Any]:
     out = Path(cfg.paths.output_dir)
     try:
-        raw = load_checkpoint(cfg)
-        model = load_model(cfg, raw)
-        inherit_data_settings(cfg, raw)
-        datamodule = build_datamodule(cfg)
         if cfg.task not in ("whitebox", "knn"):
             raise ConfigError(f"unknown task {cfg.task!r}; choose whitebox or knn")
+        raw = load_checkpoint(cfg)
+        model_cfg, classifier = model_config(cfg, raw)
+        inherit_data_settings(cfg, raw)
+        trained_size, notes = choose_image_size(cfg, model_cfg, raw)
+        model = load_model(model_cfg, classifier, raw, int(cfg.data.image_size))
+        datamodule = build_datamodule(cfg)
     except USER_ERRORS as err:
         raise ConfigError(str(err).strip().splitlines()[0]) from None
+    for note in notes:
+        print(f"note: {note}")
+    # Lightning's epoch (0-based, as in the checkpoint's file name); released files have none
+    epoch = raw.get("epoch") if "pytorch-lightning_version" in raw else None
     report = (
-        analyze_whitebox(cfg, model, datamodule, out)
+        analyze_whitebox(cfg, model, datamodule, out, epoch)
         if cfg.task == "whitebox"
         else analyze_knn(cfg, model, datamodule)
     )
     report = {
         "task": cfg.task,
         "ckpt_path": str(cfg.ckpt_path),
-        "model": type(model).__name__,
+        "model": model_name(model),
+        "model_class": type(model).__name__,
+        "model_image_size": trained_size,
         "data": to_container(cfg.data),
+        **({"notes": notes} if notes else {}),
         **report,
     }
     path = out / "report.json"
@@ -286,12 +387,31 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="analyze")
-def main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> None:
     try:
         run(cfg)
     except ConfigError as err:
         print(f"crate-analyze: error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+EXAMPLES = (
+    "crate-analyze ckpt_path=outputs/<date>/<time>/checkpoints/last.ckpt   # a crate-lit run's checkpoint",
+    "crate-analyze ckpt_path=/ckpt/CRATE_small.pth model=crate_small        # a released file",
+    "crate-analyze ckpt_path=<ckpt> task=knn data=imagenet data.root=/data/imagenet",
+)
+
+
+def main() -> None:
+    """The ``crate-analyze`` command: its own ``--help``, one line for a mistyped group option or
+    key, then Hydra composes the config and ``run`` analyses."""
+    argv = sys.argv[1:]
+    if "--help" in argv or "-h" in argv:
+        about = "White-box measurements and figures of a CRATE checkpoint (crate-lit's or a released one)."
+        print(usage("crate-analyze", "analyze", about, EXAMPLES))
+        return
+    exit_on_command_line_error("crate-analyze", "analyze", argv)
+    _hydra_main()
 
 
 if __name__ == "__main__":

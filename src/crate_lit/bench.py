@@ -16,19 +16,108 @@ two bounds a run. ``--baseline`` adds torchvision's plain float pipeline on the 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import math
 import multiprocessing as mp
 import resource
 import sys
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, NoReturn, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .configs import CommandLineError, check_command_line
 from .models import Crate, create_model
+from .models.crate import CRATE_CONFIGS
+from .models.crate_mae import CRATE_MAE_CONFIGS
+
+EXAMPLES = """examples:
+  crate-bench                      # CRATE-T, 224 px, batch 16, fp32, on the GPU if there is one
+  crate-bench --precision bf16 --compile --device cuda
+  crate-bench --model crate_small --batch-size 32 --candidates crate vit_tiny plain
+  crate-bench --data data=imagenet data.root=/data/imagenet model=crate_tiny trainer.precision=bf16-mixed
+  crate-bench --data data=imagenet data.root=/data/imagenet --baseline   # and torchvision's pipeline
+
+crate-bench --data --help lists the options of --data.
+"""
+
+
+class BenchError(ValueError):
+    """An argument or a measurement that cannot work; reported as one line."""
+
+
+def _fail(message: str) -> NoReturn:
+    print(f"crate-bench: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are crate-bench's one line (argparse's own prints the usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        _fail(message)
+
+
+def _help_text() -> str:
+    # the whole module documentation, without its reStructuredText literals
+    return (__doc__ or "").replace("``", "").strip()
+
+
+def _count(minimum: int) -> Any:
+    """An argparse type: an integer of at least ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def check_device(name: str) -> torch.device:
+    """The device ``--device`` names, refused here rather than in every benchmark process."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise BenchError(f"--device {name} is not a device; use cpu or cuda (cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise BenchError(f"--device {name}: crate-bench times cpu and cuda devices only")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BenchError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise BenchError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return device
+
+
+def check_model(
+    name: str,
+    img_size: int,
+    kwargs: Optional[Dict[str, Any]] = None,
+    keys: Tuple[str, str] = ("--model ", "--img-size "),
+) -> None:
+    """Build ``name`` (with the constructor values ``kwargs``) on the meta device, which takes
+    no memory and no time, to refuse what the benchmark processes could not build: an unknown
+    name, an image size the patches do not divide. ``keys`` name the two settings in the
+    message (``model=``, ``data.image_size=`` for --data)."""
+    model, size = f"{keys[0]}{name}", f"{keys[1]}{img_size}"
+    if name not in CRATE_CONFIGS:
+        close = difflib.get_close_matches(name, list(CRATE_CONFIGS), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; choose one of {', '.join(CRATE_CONFIGS)}"
+        kind = "a CRATE-MAE model; crate-bench times classifiers" if name in CRATE_MAE_CONFIGS else "unknown"
+        raise BenchError(f"{model} is {kind}{hint}")
+    try:
+        with torch.device("meta"):
+            create_model(name, **{**(kwargs or {}), "img_size": img_size})
+    except (ValueError, TypeError) as err:
+        raise BenchError(f"{model} at {size}: {str(err).splitlines()[0]}") from None
 
 
 class PlainCrate(Crate):
@@ -88,6 +177,14 @@ def _rss_mib() -> float:
 
 
 def _measure(kind: str, args: argparse.Namespace, queue: Any) -> None:
+    try:
+        _measure_steps(kind, args, queue)
+    except torch.cuda.OutOfMemoryError:
+        # a batch too large for the GPU is the caller's to change, not a failure to trace
+        queue.put({"kind": kind, "error": f"out of GPU memory at --batch-size {args.batch_size}"})
+
+
+def _measure_steps(kind: str, args: argparse.Namespace, queue: Any) -> None:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads) if args.threads else None
     device = torch.device(args.device)
@@ -144,9 +241,18 @@ def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
         proc = ctx.Process(target=_measure, args=(kind, args, queue))
         proc.start()
         proc.join()
-        if proc.exitcode != 0:
+        if proc.exitcode is not None and proc.exitcode < 0:
+            # the kernel's out-of-memory killer leaves no traceback, only the signal
+            raise BenchError(
+                f"the {LABELS[kind]} benchmark was killed by signal {-proc.exitcode} (out of memory?); "
+                "lower --batch-size or --img-size"
+            )
+        if proc.exitcode != 0:  # its traceback is above
             raise RuntimeError(f"benchmark of {kind} failed (exit code {proc.exitcode})")
-        results.append(queue.get())
+        result = queue.get()
+        if "error" in result:
+            raise BenchError(f"{LABELS[kind]}: {result['error']}; lower --batch-size or --img-size")
+        results.append(result)
     return results
 
 
@@ -207,6 +313,9 @@ def bench_data(
 
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
+    model_kwargs = {k: v for k, v in to_container(cfg.model).items() if k not in ("name", "pretrained")}
+    # before the loader is measured, which can take minutes
+    check_model(str(cfg.model.name), int(cfg.data.image_size), model_kwargs, ("model=", "data.image_size="))
     if baseline and cfg.data.name != "imagenet":
         raise ValueError(
             "--baseline compares with torchvision's ImageFolder pipeline: use it with data=imagenet"
@@ -250,7 +359,6 @@ def bench_data(
         "rounds": rounds,
         **{name: max(values) for name, values in rates.items()},
     }
-    model_kwargs = {k: v for k, v in to_container(cfg.model).items() if k not in ("name", "pretrained")}
     model_args = argparse.Namespace(
         model=str(cfg.model.name), img_size=int(cfg.data.image_size), batch_size=result["batch_size"],
         steps=5, warmup=2, device=device, precision={"bf16-mixed": "bf16", "16-mixed": "fp16"}.get(
@@ -284,47 +392,85 @@ def _print_data(result: Dict[str, Any], device: str) -> None:
 
 def main(argv: List[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if "--data" in argv:
-        data = argparse.ArgumentParser(prog="crate-bench --data")
-        data.add_argument("--data", action="store_true")
-        data.add_argument("--batches", type=int, default=20, help="timed batches")
-        data.add_argument("--warmup", type=int, default=3, help="batches before timing (worker start-up)")
-        data.add_argument(
-            "--baseline", action="store_true", help="also torchvision's pipeline (data=imagenet)"
+    try:
+        if "--data" in argv:
+            _main_data(argv)
+        else:
+            _main_models(argv)
+    except BenchError as err:
+        _fail(str(err))
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _main_data(argv: List[str]) -> None:
+    data = _Parser(
+        prog="crate-bench --data",
+        usage="crate-bench --data [options] [crate-train overrides ...]",
+        description=_help_text(),
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    data.add_argument(
+        "--data", action="store_true", help="measure the input pipeline of a crate-train config"
+    )
+    data.add_argument("--batches", type=_count(1), default=20, help="timed batches")
+    data.add_argument("--warmup", type=_count(0), default=3, help="batches before timing (worker start-up)")
+    data.add_argument("--baseline", action="store_true", help="also torchvision's pipeline (data=imagenet)")
+    data.add_argument(
+        "--rounds", type=_count(1), default=1, help="alternating rounds; each loader's best counts"
+    )
+    data.add_argument(
+        "--device", default=_default_device(), help="cpu or cuda (default: cuda if there is one)"
+    )
+    data.add_argument("--json", action="store_true", help="print the result as JSON too")
+    known, overrides = data.parse_known_args(argv)
+    check_device(known.device)
+    try:
+        check_command_line("train", overrides)
+    except CommandLineError as err:
+        raise BenchError(str(err)) from None
+    try:
+        result = bench_data(
+            overrides, known.batches, known.warmup, known.baseline, known.device, known.rounds
         )
-        data.add_argument(
-            "--rounds", type=int, default=1, help="alternating rounds; each loader's best counts"
-        )
-        data.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-        data.add_argument("--json", action="store_true")
-        known, overrides = data.parse_known_args(argv)
-        try:
-            result = bench_data(
-                overrides, known.batches, known.warmup, known.baseline, known.device, known.rounds
-            )
-        except (ValueError, OSError) as err:
-            print(f"crate-bench: error: {str(err).splitlines()[0]}", file=sys.stderr)
-            sys.exit(2)
-        _print_data(result, known.device)
-        if known.json:
-            json.dump(result, sys.stdout, indent=2)
-            print()
-        return
-    parser = argparse.ArgumentParser(prog="crate-bench", description=__doc__.splitlines()[0])
+    except (ValueError, OSError) as err:
+        raise BenchError(str(err).splitlines()[0]) from None
+    _print_data(result, known.device)
+    if known.json:
+        json.dump(result, sys.stdout, indent=2)
+        print()
+
+
+def _main_models(argv: List[str]) -> None:
+    parser = _Parser(
+        prog="crate-bench",
+        description=_help_text(),
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--model", default="crate_tiny", help="a CRATE classifier name (default crate_tiny)")
-    parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps (the median is reported)")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--img-size", type=_count(1), default=224, help="image side in pixels, a multiple of the patch size"
+    )
+    parser.add_argument("--batch-size", type=_count(1), default=16, help="images per training step")
+    parser.add_argument("--steps", type=_count(1), default=5, help="timed steps (the median is reported)")
+    parser.add_argument("--warmup", type=_count(0), default=2, help="untimed steps first")
+    parser.add_argument(
+        "--device", default=_default_device(), help="cpu or cuda (default: cuda if there is one)"
+    )
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     parser.add_argument("--compile", action="store_true", help="torch.compile every candidate")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--threads", type=_count(0), default=0, help="torch threads (0: torch's default)")
     parser.add_argument(
         "--candidates", nargs="+", default=list(LABELS), choices=list(LABELS), help="what to measure"
     )
     parser.add_argument("--json", action="store_true", help="print the results as JSON too")
     args = parser.parse_args(argv)
+    check_device(args.device)
+    check_model(args.model, args.img_size)
     results = run(args)
     threads = args.threads or torch.get_num_threads()
     print(

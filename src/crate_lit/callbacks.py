@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, List, Optional, Tuple
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.optim.swa_utils import get_ema_multi_avg_fn
+from torch.utils.data import default_collate
 
 from . import whitebox
 
@@ -36,9 +37,10 @@ class EMA(WeightAveraging):
 
 class WhiteboxMonitor(L.Callback):
     """Every ``every_n_epochs`` validation epochs: the per-layer coding rate R^c and sparsity of
-    a fixed batch of validation images, logged to every active logger (``whitebox/*``), and a
-    PNG of the class-token attention of every head, saved in the run folder and sent to the
-    loggers that take images (TensorBoard, wandb). ``whitebox/seconds`` logs its own cost."""
+    ``num_images`` validation images spread evenly over the validation set (the same ones every
+    epoch), logged to every active logger (``whitebox/*``), and a PNG of the class-token
+    attention of every head at the last layer, saved in the run folder and sent to the loggers
+    that take images (TensorBoard, wandb). ``whitebox/seconds`` logs its own cost."""
 
     def __init__(self, every_n_epochs: int = 1, num_images: int = 32, figure_images: int = 4) -> None:
         if every_n_epochs < 1:
@@ -47,27 +49,6 @@ class WhiteboxMonitor(L.Callback):
         self.num_images = num_images
         self.figure_images = figure_images
         self._images: Optional[torch.Tensor] = None
-
-    def _batch(self, trainer: L.Trainer) -> Optional[torch.Tensor]:
-        if self._images is None:
-            loaders = trainer.val_dataloaders
-            loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
-            if loader is None:
-                return None
-            images = []
-            for batch in loader:
-                images.append(batch[0])
-                if sum(len(x) for x in images) >= self.num_images:
-                    break
-            self._images = torch.cat(images)[: self.num_images]
-        return self._images
-
-    @staticmethod
-    def _model_input(trainer: L.Trainer, images: torch.Tensor, device: torch.device) -> torch.Tensor:
-        # the loader's uint8 images become model inputs as validation batches do
-        images = images.to(device)
-        to_input = getattr(trainer.datamodule, "eval_batch", None)
-        return to_input(images) if to_input is not None else images.float()
 
     @torch.no_grad()
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -78,10 +59,12 @@ class WhiteboxMonitor(L.Callback):
         if (trainer.current_epoch + 1) % self.every_n_epochs or not trainer.is_global_zero:
             return
         started = time.perf_counter()
-        images = self._batch(trainer)
-        if images is None:
-            return
-        images = self._model_input(trainer, images, pl_module.device)
+        if self._images is None:
+            shown = spread_eval_images(trainer, self.num_images, pl_module.device)
+            if shown is None:
+                return
+            self._images = shown[1]
+        images = self._images
         trace = model.trace(images)
         metrics = {}
         for layer in whitebox.layerwise_stats(trace):
@@ -97,6 +80,11 @@ class WhiteboxMonitor(L.Callback):
             # the masks crate-analyze scores (its defaults: keep 0.6, bilinear)
             whitebox.attention_masks(shown, pictures.shape[-2:]),
             folder / f"attention-epoch{trainer.current_epoch:03d}.png",
+            layer=len(trace.layers),
+            depth=len(trace.layers),
+            source="run " + "/".join(Path(trainer.default_root_dir).parts[-2:]),
+            epoch=trainer.current_epoch,
+            mask_rule="keep 0.6, bilinear",
         )
         metrics["whitebox/seconds"] = time.perf_counter() - started
         # with the epoch's validation metrics (same row, step and epoch); measured on rank 0 only,
@@ -153,6 +141,37 @@ class ThroughputLogger(L.Callback):
             sync_dist=False,
             rank_zero_only=True,
         )
+
+
+def spread_indices(size: int, count: int) -> List[int]:
+    """``count`` indices spread evenly over ``range(size)`` (the middle of each of ``count``
+    equal stretches; all of them when ``count >= size``): on a validation set sorted by class
+    (image folders) they fall in as many classes as they can, where its first ``count`` images
+    would all be of its first class; and they are the same in every epoch and run."""
+    if count >= size:
+        return list(range(size))
+    return [(2 * i + 1) * size // (2 * count) for i in range(count)]
+
+
+def spread_eval_images(
+    trainer: L.Trainer, count: int, device: torch.device
+) -> Optional[Tuple[List[int], torch.Tensor, torch.Tensor]]:
+    """The indices of ``count`` validation images at :func:`spread_indices`, the images as model
+    inputs on ``device`` (the loader's uint8 images made inputs as validation batches are) and
+    their labels; None without a validation loader."""
+    loaders = trainer.val_dataloaders
+    loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+    if loader is None:
+        return None
+    dataset = loader.dataset
+    indices = spread_indices(len(dataset), count)
+    # crate-lit's loaders read a batch at once (KeyedBatches.__getitems__); others image by image
+    fetch = getattr(dataset, "__getitems__", None)
+    batch = fetch(indices) if fetch is not None else default_collate([dataset[i] for i in indices])
+    images = batch[0].to(device)
+    to_input = getattr(trainer.datamodule, "eval_batch", None)
+    images = to_input(images) if to_input is not None else images.float()
+    return indices, images, torch.as_tensor(batch[1])
 
 
 def log_image_file(loggers: Any, key: str, path: Path, step: int) -> None:

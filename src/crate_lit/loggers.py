@@ -1,10 +1,15 @@
-"""A CSV logger that keeps what an earlier run of the same folder wrote."""
+"""A CSV logger that keeps what an earlier run of the same folder wrote, with its columns in
+natural order; and the two notices Lightning prints on every run, silenced."""
 
 from __future__ import annotations
 
 import csv
 import io
+import logging
 import os
+import re
+import warnings
+from typing import List, Set, Union
 
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
@@ -14,6 +19,12 @@ from lightning.pytorch.utilities import rank_zero_only
 from .runs import atomic_write_text
 
 
+def natural_key(name: str) -> List[Union[int, str]]:
+    """Sort key that orders the numbers inside names by value: ``whitebox/sparsity_l2`` before
+    ``whitebox/sparsity_l10`` (a plain string sort puts l10 and l11 between l1 and l2)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
 class _AppendingWriter(ExperimentWriter):
     def _check_log_dir_exists(self) -> None:
         # Lightning deletes an existing metrics.csv here; a resumed run (ckpt_path=last in the same
@@ -21,6 +32,27 @@ class _AppendingWriter(ExperimentWriter):
         if self._fs.isfile(self.metrics_file_path):
             with self._fs.open(self.metrics_file_path, "r", newline="") as handle:
                 self.metrics_keys = next(csv.reader(handle), [])
+
+    def _record_new_keys(self) -> Set[str]:
+        """Lightning's, in natural order. ``save`` rewrites the file under the new header only when
+        this returns keys, so a header in another order (a file of an earlier, string-sorted run
+        that this one resumes) is reported as changed too: rows follow the new order."""
+        before = list(self.metrics_keys)
+        new_keys = set().union(*self.metrics) - set(before)
+        self.metrics_keys = sorted(set(before) | new_keys, key=natural_key)
+        if self.metrics_keys != before and not new_keys:
+            return set(self.metrics_keys)
+        return new_keys
+
+    def _rewrite_with_new_header(self, fieldnames: List[str]) -> None:
+        # Lightning's rewrites metrics.csv in place: one moment of a full disk would lose every row
+        with self._fs.open(self.metrics_file_path, "r", newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=fieldnames)
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(self.metrics_file_path, text.getvalue())
 
 
 class AppendingCSVLogger(CSVLogger):
@@ -56,3 +88,28 @@ class AppendingCSVLogger(CSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _AppendingWriter(log_dir=self.log_dir)
         return self._experiment
+
+
+# the advert Lightning logs whenever a Trainer is built without its own cloud logger
+_LITLOGGER_TIP = "💡 Tip: For seamless cloud logging"
+
+
+class _DropLitLoggerTip(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_LITLOGGER_TIP)
+
+
+def quiet_lightning_notices() -> None:
+    """Silence the two notices every run printed that say nothing about the run: Lightning's
+    litlogger advert (one message of its rank-zero logger; its other messages stay) and torch's
+    ``LeafSpec`` deprecation warning raised from Lightning's own pytree code (other warnings
+    stay). Safe to call more than once."""
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropLitLoggerTip) for f in rank_zero.filters):
+        rank_zero.addFilter(_DropLitLoggerTip())
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        category=FutureWarning,
+        module=r"lightning\.pytorch\.utilities\._pytree",
+    )

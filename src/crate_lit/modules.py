@@ -14,7 +14,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from .data.datamodules import global_seed, stable_seed
 from .models import CrateMAEClassifier, create_model, load_pretrained
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, optimizer_steps_per_epoch
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class ScheduledModule(L.LightningModule):
             optimizer,
             self.hparams.scheduler,
             total_steps=int(self.trainer.estimated_stepping_batches),
-            max_epochs=max(1, self.trainer.max_epochs or 1),
+            steps_per_epoch=optimizer_steps_per_epoch(self.trainer),
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -162,9 +162,10 @@ class CrateMAEPretrainer(ScheduledModule):
     """CRATE-MAE pre-training with the MAE recipe: AdamW, no weight decay on 1-D parameters,
     ``lr = base_lr * global_batch / 256``, per-step warm-up then half-cosine. The masking noise
     of each step is seeded by (seed, step, rank), so a resumed run masks as the original would.
-    After each validation epoch, ``num_reconstructions`` validation images are saved as a grid
-    (original, masked input, reconstruction) under ``<run>/reconstructions/`` and sent to the
-    loggers that take images."""
+    After each validation epoch, ``num_reconstructions`` validation images, spread evenly over
+    the validation set, are saved as a grid (original, masked input, reconstruction: the masked
+    patches predicted, the visible ones pasted back) under ``<run>/reconstructions/`` and sent
+    to the loggers that take images."""
 
     def __init__(
         self,
@@ -180,7 +181,9 @@ class CrateMAEPretrainer(ScheduledModule):
         self.model = build_model(model)
         # the released model keeps an unused Linear; frozen so DDP finds no unused gradients
         self.model.decoder_embed.requires_grad_(False)
+        # the reconstruction grid's images (model inputs) and their labels, chosen once
         self._shown: Optional[torch.Tensor] = None
+        self._shown_labels: list[int] = []
 
     def _noise(self, batch: int, step: int, split: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(stable_seed(global_seed(), split, step, self.global_rank))
@@ -199,18 +202,24 @@ class CrateMAEPretrainer(ScheduledModule):
         images = batch[0]
         loss, _, _ = self(images, self._noise(len(images), batch_idx, 1))
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
-        if batch_idx == 0 and self._shown is None:
-            self._shown = images[: self.hparams.num_reconstructions].detach()
 
     @torch.no_grad()
     def on_validation_epoch_end(self) -> None:
         # while fitting only: a later trainer.validate (validate_best) is no further epoch
         fitting = self.trainer.state.fn == TrainerFn.FITTING and not self.trainer.sanity_checking
-        if not fitting or not self.trainer.is_global_zero or self._shown is None:
+        if not fitting or not self.trainer.is_global_zero:
             return
         from . import whitebox
-        from .callbacks import log_image_file
+        from .callbacks import log_image_file, spread_eval_images
 
+        if self._shown is None:
+            # spread over the validation set: its first images are all of its first class when
+            # it is sorted by class (image folders)
+            shown = spread_eval_images(self.trainer, self.hparams.num_reconstructions, self.device)
+            if shown is None:
+                return
+            _, self._shown, labels = shown
+            self._shown_labels = [int(label) for label in labels]
         images = self._shown
         _, pred, mask = self(images, self._noise(len(images), 0, 1))
         masked, reconstruction = self.model.reconstruction_images(images, pred, mask, paste_visible=True)
@@ -220,6 +229,11 @@ class CrateMAEPretrainer(ScheduledModule):
             whitebox.denormalize(masked, datamodule),
             whitebox.denormalize(reconstruction, datamodule),
             Path(self.trainer.default_root_dir) / "reconstructions" / f"epoch{self.current_epoch:03d}.png",
+            visible_pasted=True,
+            mask_ratio=self.hparams.mask_ratio,
+            source="run " + "/".join(Path(self.trainer.default_root_dir).parts[-2:]),
+            epoch=self.current_epoch,
+            row_labels=[f"class {label}" for label in self._shown_labels],
         )
         log_image_file(self.trainer.loggers, "mae/reconstructions", path, self.global_step)
 

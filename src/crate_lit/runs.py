@@ -5,16 +5,29 @@ a checkpoint to resume from is checked against the run that resumes it."""
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import pickle
+import re
+import shlex
+import shutil
+import signal
+import socket
 import sys
+import threading
+import time
+import urllib.error
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from types import FrameType, TracebackType
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
+import lightning as L
 import torch
 from hydra.experimental.callback import Callback
 from lightning.pytorch.plugins import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+
+from .models.factory import CRATE_CONFIGS, CRATE_MAE_CONFIGS, torch_file_format
 
 # files and folders that show a folder already holds a crate-train run
 RUN_MARKERS = (".hydra", "checkpoints", "metrics.csv", "summary.json", "multirun.yaml")
@@ -68,15 +81,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_write(path, lambda handle: torch.save(checkpoint, handle))
 
 
-def disk_full(err: BaseException) -> Optional[OSError]:
-    """The out-of-space error behind ``err`` (itself, its cause or its context), if any."""
+def _in_chain(err: Optional[BaseException], match: Callable[[BaseException], bool]) -> Any:
+    """The first of ``err``, its cause or its context, and theirs, that ``match`` accepts."""
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
-        if isinstance(err, OSError) and err.errno in DISK_FULL:
+        if match(err):
             return err
         err = err.__cause__ or err.__context__
     return None
+
+
+def disk_full(err: BaseException) -> Optional[OSError]:
+    """The out-of-space error behind ``err`` (itself, its cause or its context), if any."""
+    return _in_chain(err, lambda e: isinstance(e, OSError) and e.errno in DISK_FULL)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,6 +105,11 @@ class RunFolderError(ValueError):
     """A run folder that a run may not use; reported as one line."""
 
 
+# the fresh (timestamped) run folders this process created, each with the folders above it that
+# it had to create (the date folder, ...): those go with it when the run fails at start, if empty
+FRESH_FOLDERS: Dict[Path, List[Path]] = {}
+
+
 def holds_run(folder: Path) -> bool:
     return any((folder / marker).exists() for marker in RUN_MARKERS)
 
@@ -94,14 +117,19 @@ def holds_run(folder: Path) -> bool:
 def claim_fresh_folder(base: Path) -> Path:
     """Create ``base``, or ``base_1``, ``base_2``, ... when another run has it: ``mkdir`` is
     atomic, so of two runs started in the same second each gets a folder of its own."""
-    base.parent.mkdir(parents=True, exist_ok=True)
     for index in range(10_000):
         candidate = base if index == 0 else base.with_name(f"{base.name}_{index}")
-        try:
-            candidate.mkdir()
-            return candidate
-        except FileExistsError:
-            continue
+        for _ in range(3):  # a run that failed at start may remove the (then empty) date folder
+            created = [p for p in (base.parent, *base.parent.parents) if not p.exists()]
+            base.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                candidate.mkdir()
+                FRESH_FOLDERS[candidate.resolve()] = [p.resolve() for p in created]
+                return candidate
+            except FileExistsError:
+                break
+            except FileNotFoundError:
+                continue
     raise RunFolderError(f"no fresh run folder left beside {base}; set hydra.run.dir=<a new folder>")
 
 
@@ -111,7 +139,7 @@ def claim_named_folder(folder: Path, resuming: bool, key: str) -> None:
     if resuming:
         return
     refused = RunFolderError(
-        f"{key}={folder} already holds a run (nothing was changed in it); resume it with "
+        f"{key}={pasteable(folder)} already holds a run (nothing was changed in it); resume it with "
         f"ckpt_path=last, or give {key} a new folder (or leave it out for a fresh one)"
     )
     if holds_run(folder):
@@ -148,6 +176,24 @@ def _quoted(path: Path) -> str:
     return "'" + str(path).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
+# characters that the shell and Hydra's override lexer both take as they are
+_PLAIN = re.compile(r"[A-Za-z0-9_./+:@%-]+")
+
+
+def pasteable(path: os.PathLike | str) -> str:
+    """``path`` as it is to be pasted after ``key=`` into a shell command line for Hydra: as it is
+    when it is plain, otherwise quoted for Hydra (``_quoted``: spaces, non-ASCII, ``,``, ``=``
+    ... do not get through its lexer unquoted) inside quotes for the shell, which would strip the
+    Hydra quotes otherwise."""
+    text = str(path)
+    if _PLAIN.fullmatch(text):
+        return text
+    hydra = _quoted(Path(text))
+    if not any(c in hydra for c in '"$`\\!'):  # nothing the shell interprets inside "..."
+        return f'"{hydra}"'
+    return shlex.quote(hydra)
+
+
 class ClaimRunFolder(Callback):
     """Hydra callback (``hydra.callbacks`` in train.yaml): before Hydra writes the run's config,
     claim its folder. A generated (timestamped) folder that another run already has becomes a
@@ -176,14 +222,36 @@ class ClaimRunFolder(Callback):
         try:
             self._claim(config, key)
         except RunFolderError as err:
-            print(f"crate-train: error: {err}", file=sys.stderr)
-            sys.exit(2)
+            _exit_with_error(str(err))
+        except OSError as err:  # read-only, not a folder (CRATE_LIT_OUTPUTS=<a file>), no permission
+            where = f"{key}=<a writable folder>"
+            if not _named_on_command_line(config, key):
+                where = f"CRATE_LIT_OUTPUTS=<a writable folder> or {where}"
+            _exit_with_error(
+                f"cannot create the run folder {pasteable(OmegaConf.select(config, key))}: "
+                f"{err.strerror or err} ({err.filename}); set {where}"
+            )
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._guarded(config, "hydra.run.dir")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        launcher = str(OmegaConf.select(config, "hydra.launcher._target_", default="") or "")
+        # submitit's SLURM executor needs srun (and sbatch), and says so only in a traceback
+        off_cluster = shutil.which("srun") is None and "LOCAL_RANK" not in os.environ
+        if launcher.endswith("SlurmLauncher") and off_cluster:
+            _exit_with_error(
+                "hydra/launcher=slurm submits each job to SLURM, but this machine has no SLURM (srun is "
+                "not on PATH); run the command on the cluster's login node, or leave out "
+                "hydra/launcher=slurm to run the jobs here one after the other"
+            )
         self._guarded(config, "hydra.sweep.dir")
+
+
+def _exit_with_error(message: str) -> None:
+    """The project's user error: one line on stderr, exit status 2."""
+    print(f"crate-train: error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,36 +259,330 @@ class ClaimRunFolder(Callback):
 
 
 def read_checkpoint(path: os.PathLike | str) -> Dict[str, Any]:
-    """A checkpoint's contents, memory-mapped (nothing is read that is not used). Plain
-    containers are read under ``weights_only``; a checkpoint that holds other objects (another
-    project's hyper-parameters) is read as Lightning itself would read it to resume."""
+    """A checkpoint's contents, memory-mapped (nothing is read that is not used) when it is a zip
+    archive (the legacy format of older released files cannot be mapped). Plain containers are
+    read under ``weights_only``; a checkpoint that holds other objects (another project's
+    hyper-parameters) is read as Lightning itself would read it to resume."""
+    kind = torch_file_format(path)
+    if kind is None:
+        raise ValueError(
+            f"ckpt_path={pasteable(path)} is not a PyTorch checkpoint (neither a torch.save zip archive "
+            "nor its legacy format); give a crate-train .ckpt, e.g. ckpt_path=last"
+        )
+    mmap = kind == "zip"
     try:
         try:
-            checkpoint = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
+            checkpoint = torch.load(str(path), map_location="cpu", mmap=mmap, weights_only=True)
         except pickle.UnpicklingError:
-            checkpoint = torch.load(str(path), map_location="cpu", mmap=True, weights_only=False)
+            checkpoint = torch.load(str(path), map_location="cpu", mmap=mmap, weights_only=False)
     except Exception as err:  # a damaged file fails in many ways (zip, pickle, unicode, storage)
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(
-            f"ckpt_path={path} cannot be read as a checkpoint ({first}); is it damaged?"
+            f"ckpt_path={pasteable(path)} cannot be read as a checkpoint ({first}); is it damaged?"
         ) from None
     if not isinstance(checkpoint, dict):
-        raise ValueError(f"ckpt_path={path} holds a {type(checkpoint).__name__}, not a checkpoint")
+        raise ValueError(f"ckpt_path={pasteable(path)} holds a {type(checkpoint).__name__}, not a checkpoint")
     return checkpoint
 
 
-def check_resume(checkpoint: Dict[str, Any], path: str, ema_decay: Optional[float]) -> None:
-    """One-line errors for a checkpoint that this run cannot continue faithfully."""
+# what fixes the shapes of a model's weights (the rest, e.g. drop rates, may change on resume)
+_SHAPE_KEYS = ("embed_dim", "depth", "num_heads", "patch_size", "decoder_depth", "in_chans")
+
+
+def saved_model(checkpoint: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
+    """The model config a crate-train checkpoint was trained with (its ``hyper_parameters``)."""
+    model = (checkpoint.get("hyper_parameters") or {}).get("model")
+    return dict(model) if isinstance(model, Mapping) and model.get("name") else None
+
+
+def model_overrides(model: Mapping[str, Any]) -> str:
+    """``model=<name>`` plus the ``model.<key>=<value>`` overrides that its config needs beyond
+    the named size (``CRATE_CONFIGS`` / ``CRATE_MAE_CONFIGS``)."""
+    name = str(model["name"])
+    table = {**CRATE_CONFIGS, **CRATE_MAE_CONFIGS}.get(name, {})
+    extra = [
+        f"model.{k}={model[k]}" for k in _SHAPE_KEYS if k in model and k in table and model[k] != table[k]
+    ]
+    return " ".join([f"model={name}", *extra])
+
+
+def check_resume(
+    checkpoint: Dict[str, Any],
+    path: str,
+    ema_decay: Optional[float],
+    model: Optional[Mapping[str, Any]] = None,
+) -> None:
+    """One-line errors for a checkpoint that this run cannot continue faithfully; ``model`` is
+    this run's model config, checked against the one the checkpoint was trained with."""
     if "pytorch-lightning_version" not in checkpoint or "state_dict" not in checkpoint:
         raise ValueError(
-            f"ckpt_path={path} holds model weights, not a crate-train checkpoint to resume; "
+            f"ckpt_path={pasteable(path)} holds model weights, not a crate-train checkpoint to resume; "
             "start from them with model.pretrained=<that file>"
         )
+    saved = saved_model(checkpoint)
+    if model is not None and saved is not None:
+        differ = [k for k in ("name", *_SHAPE_KEYS) if k in saved and k in model and saved[k] != model[k]]
+        if differ:
+            ours = f"model={model['name']}" if "name" in differ else model_overrides(model)
+            raise ValueError(
+                f"ckpt_path={pasteable(path)} was saved from a different model, {model_overrides(saved)}, "
+                f"than this run's {ours}; resume it with {model_overrides(saved)} (and the other "
+                "overrides of that run)"
+            )
     if "current_model_state" in checkpoint and ema_decay is None:
         states = checkpoint.get("callbacks", {}).values()
         decay = next((s["decay"] for s in states if isinstance(s, dict) and "decay" in s), None)
         value = f"ema_decay={decay}" if decay is not None else "ema_decay=<the run's decay>"
         raise ValueError(
-            f"ckpt_path={path} was trained with an EMA of the weights; resume it with {value} "
+            f"ckpt_path={pasteable(path)} was trained with an EMA of the weights; resume it with {value} "
             "(without it the averaged weights would continue as if they were the raw ones)"
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# how long a run has trained, over resumes
+
+
+class RunClock(L.Callback):
+    """Keeps in each checkpoint the seconds the run had taken when the checkpoint was written
+    (this part plus the parts before the checkpoint it resumed from), so that a resumed run can
+    report its whole time and not only its own part."""
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self.earlier_s: Optional[float] = None  # restored from the checkpoint of a resumed run
+
+    def total_s(self, now: Optional[float] = None) -> float:
+        return (self.earlier_s or 0.0) + (now if now is not None else time.time()) - self.started
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"elapsed_s": self.total_s()}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        self.earlier_s = float(state_dict["elapsed_s"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Ctrl-C and kill
+
+
+class StopSignals:
+    """Within ``with StopSignals() as stop:``, SIGINT (Ctrl-C) and SIGTERM (``kill``) both raise
+    ``KeyboardInterrupt`` where the main thread is, and ``stop.signal`` says which came. Lightning
+    answers a ``KeyboardInterrupt`` with its graceful shutdown (callbacks, loggers finalised) and
+    ``sys.exit(1)``; its own SIGTERM handling only asks the loop to stop after the batch, and
+    then ends the run as if it had finished (exit 0, no summary). A second signal during the
+    shutdown is ignored, as Lightning does for SIGINT."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signal: Optional[signal.Signals] = None
+        self._previous: Dict[int, Any] = {}
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's status for a process ended by the signal: 128 + its number (130, 143)."""
+        return 128 + int(self.signal or signal.SIGINT)
+
+    def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
+        if self.signal is not None:
+            return
+        self.signal = signal.Signals(signum)
+        raise KeyboardInterrupt
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():  # handlers can be set there only
+            self._previous = {s: signal.getsignal(s) for s in self.SIGNALS}
+            for s in self.SIGNALS:
+                signal.signal(s, self._handle)
+        return self
+
+    def __exit__(
+        self, kind: Optional[type], value: Optional[BaseException], traceback: Optional[TracebackType]
+    ) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+# ---------------------------------------------------------------------------------------------
+# a run that stops: what it leaves in its folder
+
+
+class RunFolder:
+    """A run's folder as it was when the run began (after Hydra wrote its config and log file),
+    so that a run that fails before training leaves no empty folder behind, and never removes
+    one that held anything before it."""
+
+    HYDRA_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")
+
+    def __init__(self, path: os.PathLike | str, output_subdir: Optional[str] = ".hydra") -> None:
+        self.path = Path(os.path.abspath(path))  # as logging's FileHandler names its file
+        # the processes Lightning starts for the other DDP ranks share the folder of the first
+        self.own = "LOCAL_RANK" not in os.environ
+        self.log_handler = self._log_handler()
+        self.held_before = self._held_before(output_subdir)
+
+    def _log_handler(self) -> Optional[logging.FileHandler]:
+        """Hydra's job log (``<job>.log``) of this run, if it writes one into the folder."""
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == self.path:
+                return handler
+        return None
+
+    def _held_before(self, output_subdir: Optional[str]) -> List[str]:
+        if not self.path.is_dir():
+            return []
+        log_file = Path(self.log_handler.baseFilename) if self.log_handler is not None else None
+        held = []
+        for entry in self.path.iterdir():
+            if entry == log_file and entry.stat().st_size == 0:
+                continue  # Hydra opened it for this run
+            if output_subdir and entry.name == output_subdir and entry.is_dir():
+                held += [f"{entry.name}/{e.name}" for e in entry.iterdir() if e.name not in self.HYDRA_FILES]
+                continue
+            held.append(entry.name)
+        return held
+
+    def log(self, line: str, level: int = logging.ERROR) -> None:
+        """Append ``line`` to the run's log file (not to the console, which has it already)."""
+        if self.log_handler is None or not self.own:
+            return
+        record = logging.LogRecord("crate_lit.train", level, __file__, 0, line, None, None)
+        try:
+            self.log_handler.handle(record)
+            self.log_handler.flush()
+        except Exception:  # a full or read-only disk: the line is on stderr all the same
+            pass
+
+    def discard(self) -> bool:
+        """Remove the folder when it held nothing before this run, which wrote nothing of value
+        into it (a failed start); returns whether it did."""
+        if self.held_before or not self.own or not self.path.is_dir():
+            return False
+        if self.log_handler is not None:
+            logging.getLogger().removeHandler(self.log_handler)
+            self.log_handler.close()
+            self.log_handler = None
+        above = FRESH_FOLDERS.get(self.path.resolve(), [])
+        shutil.rmtree(self.path, ignore_errors=True)
+        for folder in above:  # deepest first; one that another run uses meanwhile is not empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        return not self.path.exists()
+
+    def close(self, line: str, trained: bool) -> None:
+        """A run that stops with ``line``: a failed start (``trained`` false) leaves no folder that
+        held nothing before it; every other folder keeps its files and gets the line in its log."""
+        if trained or not self.discard():
+            self.log(line)
+
+
+def trained_anything(trainer: Optional[L.Trainer], output_dir: Path) -> bool:
+    """Whether a run wrote anything of value: a training step, or any checkpoint."""
+    if trainer is not None and trainer.global_step > 0:
+        return True
+    folder = output_dir / "checkpoints"
+    return folder.is_dir() and any(folder.iterdir())
+
+
+def _task_overrides() -> List[str]:
+    """The command line's overrides of this run (of this job, in a sweep)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def stop_line(stop: StopSignals, trainer: L.Trainer, output_dir: Path) -> str:
+    """The one line of a run stopped by a signal: where it is and the command that resumes it
+    (this run's overrides, ``ckpt_path=last`` and its folder, quoted to paste into a shell)."""
+    name = stop.signal.name if stop.signal is not None else "SIGINT"
+    where = f"in epoch {trainer.current_epoch} at step {trainer.global_step}"
+    last = output_dir / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        return (
+            f"crate-train: interrupted ({name}) {where}, before its first checkpoint; the run's logs "
+            f"are in {output_dir}; run the command again to start over"
+        )
+    replaced = ("ckpt_path", "hydra.run.dir")
+    kept = [o for o in _task_overrides() if o.split("=", 1)[0].lstrip("+~") not in replaced]
+    command = ["crate-train", *(shlex.quote(o) for o in kept), "ckpt_path=last"]
+    command.append(f"hydra.run.dir={pasteable(output_dir)}")
+    return (
+        f"crate-train: interrupted ({name}) {where}; the run is in {output_dir} (last checkpoint: "
+        f"{last.name}); resume it with: {' '.join(command)}"
+    )
+
+
+def model_change(saved: Optional[Mapping[str, Any]], current: Mapping[str, Any]) -> str:
+    """How the model config a checkpoint was trained with differs from this run's, in overrides."""
+    if saved is None:
+        return "it was saved from another model"
+    differ = [k for k in saved if k != "pretrained" and k in current and saved[k] != current[k]]
+    if not differ:
+        return f"it was trained as {model_overrides(saved)}"
+    theirs = " ".join(f"model.{k}={saved[k]}" for k in differ)
+    ours = " ".join(f"model.{k}={current[k]}" for k in differ)
+    return f"it was trained with {theirs} (this run: {ours})"
+
+
+# ---------------------------------------------------------------------------------------------
+# errors from outside crate-lit that have a known cause
+
+
+# what urllib (torchvision's downloads) raises without a network: no DNS, refused, timed out
+_NETWORK_ERRORS = (urllib.error.URLError, socket.gaierror, ConnectionError, socket.timeout)
+
+
+def _chosen(group: str, fallback: str) -> str:
+    """How the command line chose a config group: its option (``trainer=ddp``) when Hydra composed
+    the config, else ``fallback``."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        choice = HydraConfig.get().runtime.choices.get(group)
+        if choice:
+            return f"{group}={choice}"
+    return fallback
+
+
+def _first(text: str) -> str:
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return lines[0] if lines else ""
+
+
+def _is_wandb_usage_error(err: BaseException) -> bool:
+    return type(err).__module__.startswith("wandb") and type(err).__name__ == "UsageError"
+
+
+def explain(err: BaseException, cfg: DictConfig) -> Optional[str]:
+    """One line (what is wrong; how to fix it) for errors that other packages raise with a
+    traceback or with words that do not say what to do; None for the others."""
+    # wandb.errors.UsageError, named without importing wandb (an optional dependency)
+    wandb = _in_chain(err, _is_wandb_usage_error)
+    if wandb is not None:
+        return (
+            f"logger=wandb could not start a wandb run ({_first(wandb)}); log without an account with "
+            "WANDB_MODE=offline crate-train logger=wandb ... (`wandb sync` uploads it later), or run "
+            "`wandb login` first"
+        )
+    accelerator = str(OmegaConf.select(cfg, "trainer.accelerator", default=""))
+    # Lightning's words for it: "No supported gpu backend found!", "CUDAAccelerator can not run ..."
+    said = str(err).lower()
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available() and ("gpu" in said or "cuda" in said):
+        strategy = str(OmegaConf.select(cfg, "trainer.strategy", default=""))
+        fix = "use trainer=ddp_sim for DDP over CPU processes" if "ddp" in strategy else "use trainer=cpu"
+        trainer = _chosen("trainer", f"trainer.accelerator={accelerator}")
+        return f"{trainer} needs a GPU and this machine has none ({_first(err)}); {fix}"
+    network = _in_chain(err, lambda e: isinstance(e, _NETWORK_ERRORS))
+    if network is not None and OmegaConf.select(cfg, "data.download", default=False):
+        reason = getattr(network, "reason", network)
+        root = OmegaConf.select(cfg, "data.root", default="<data.root>")
+        return (
+            f"data.download=true could not download {_chosen('data', f'data={cfg.data.name}')} ({reason}); "
+            "without internet here, download it elsewhere and put the extracted files under "
+            f"data.root={pasteable(root)}, then leave out data.download"
+        )
+    return None

@@ -27,10 +27,27 @@ from .callbacks import EMA
 from .configs import exit_on_command_line_error, usage
 from .data import DATAMODULES
 from .data.datamodules import DataError
-from .loggers import AppendingCSVLogger
+from .loggers import AppendingCSVLogger, quiet_lightning_notices
+from .models.factory import torch_file_format
 from .modules import TASKS, CrateClassifier, CrateMAEPretrainer, is_mae, to_container
 from .optim import OPTIMIZERS, SCHEDULES
-from .runs import AtomicCheckpointIO, atomic_write_text, check_resume, config_dir, disk_full, read_checkpoint
+from .runs import (
+    AtomicCheckpointIO,
+    RunClock,
+    RunFolder,
+    StopSignals,
+    atomic_write_text,
+    check_resume,
+    config_dir,
+    disk_full,
+    explain,
+    model_change,
+    pasteable,
+    read_checkpoint,
+    saved_model,
+    stop_line,
+    trained_anything,
+)
 
 log = logging.getLogger("crate_lit.train")
 
@@ -118,6 +135,15 @@ def validate(cfg: DictConfig) -> None:
                 "is not set; give model.pretrained=<released .pth or crate-lit .ckpt>, or "
                 "require_pretrained=false to train from scratch"
             )
+    precision = str(OmegaConf.select(cfg, "trainer.precision"))
+    accelerator = str(OmegaConf.select(cfg, "trainer.accelerator"))
+    on_cpu = accelerator == "cpu" or accelerator == "auto" and not torch.cuda.is_available()
+    if "16" in precision and on_cpu:
+        log.warning(
+            "trainer.precision=%s on the CPU: most CPUs have no 16-bit matrix units, so this runs "
+            "several times slower than trainer.precision=32-true (use that here)",
+            precision,
+        )
     patch = OmegaConf.select(cfg, "model.patch_size")
     if isinstance(patch, int) and cfg.data.image_size % patch:
         raise ConfigError(
@@ -130,6 +156,8 @@ def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
     args = to_container(cfg.data)
     name = args.pop("name")
     args["batch_size"] = per_device_batch_size(cfg)
+    if cfg.get("task") == "mae" and getattr(DATAMODULES.get(name), "takes_classes_as_found", False):
+        args["num_classes"] = None  # pre-training uses no labels: any number of class folders will do
     try:
         return DATAMODULES[name](**args)
     except TypeError as err:
@@ -181,7 +209,14 @@ def resolve_ckpt_path(cfg: DictConfig, output_dir: Path) -> str | None:
                 "hydra.run.dir=<that run's folder>, or give ckpt_path=<path to a .ckpt>"
             )
         raise FileNotFoundError(f"ckpt_path={value} does not exist; give a .ckpt file or 'last'")
-    if not zipfile.is_zipfile(path):
+
+    kind = torch_file_format(path)  # legacy-format files (older released weights) are no zip
+    if kind is None:
+        raise ValueError(
+            f"ckpt_path={value} is not a PyTorch checkpoint (neither a torch.save zip archive nor its "
+            "legacy format); give a crate-train .ckpt file or 'last'"
+        )
+    if kind == "zip" and not zipfile.is_zipfile(path):
         raise ValueError(f"ckpt_path={path} is not a readable PyTorch checkpoint (truncated or corrupt?)")
     return str(path)
 
@@ -255,112 +290,184 @@ def validate_checkpoint(
 
 
 def run(cfg: DictConfig) -> Dict[str, Any]:
-    """Train as configured; returns the summary also written to ``summary.json``."""
+    """Train as configured; returns the summary also written to ``summary.json``. A run stopped by
+    Ctrl-C or ``kill`` writes a summary of what it reached, says how to resume it and exits with
+    the shell's status for the signal (130, 143)."""
     started = time.time()
     output_dir = Path(cfg.paths.output_dir)
-    try:  # everything a config value can break, reported as one line
-        validate(cfg)
-        L.seed_everything(cfg.seed, workers=True, verbose=False)
-        datamodule = build_datamodule(cfg)
-        module = build_module(cfg)
-        if cfg.get("compile"):
-            module.model.compile()  # in place: parameter names (and checkpoints) stay unchanged
-        callbacks = _instantiate_group(cfg.get("callbacks"))
-        if cfg.get("ema_decay") is not None:
-            callbacks.append(EMA(cfg.ema_decay))
-        loggers = _instantiate_group(cfg.get("logger"))
-        if not loggers:  # logger=none: nothing would receive the learning rate
-            callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.LearningRateMonitor)]
-        # the loggers get the whole composed config instead of Lightning's merge of the module's and
-        # the data module's hyper-parameters (whose keys clash, e.g. the run's and the data's seed)
-        module._log_hyperparams = datamodule._log_hyperparams = False
-        for logger in loggers:
-            logger.log_hyperparams(to_container(cfg))
-        ckpt_path = resolve_ckpt_path(cfg, output_dir)
-        if ckpt_path is not None:
-            checkpoint = read_checkpoint(ckpt_path)
-            check_resume(checkpoint, ckpt_path, cfg.get("ema_decay"))
-            # the steps from the checkpoint on are trained (and logged) again
+    quiet_lightning_notices()
+    folder = RunFolder(output_dir, OmegaConf.select(cfg, "hydra.output_subdir", default=".hydra"))
+    with StopSignals() as stop:
+        trainer = None
+        try:  # everything a config value can break, reported as one line
+            validate(cfg)
+            L.seed_everything(cfg.seed, workers=True, verbose=False)
+            datamodule = build_datamodule(cfg)
+            module = build_module(cfg)
+            if cfg.get("compile"):
+                module.model.compile()  # in place: parameter names (and checkpoints) stay unchanged
+            callbacks = _instantiate_group(cfg.get("callbacks"))
+            if cfg.get("ema_decay") is not None:
+                callbacks.append(EMA(cfg.ema_decay))
+            clock = RunClock(started)
+            callbacks.append(clock)
+            loggers = _instantiate_group(cfg.get("logger"))
+            if not loggers:  # logger=none: nothing would receive the learning rate
+                monitor = L.pytorch.callbacks.LearningRateMonitor
+                callbacks = [c for c in callbacks if not isinstance(c, monitor)]
+            # the loggers get the whole composed config instead of Lightning's merge of the module's and
+            # the data module's hyper-parameters (whose keys clash, e.g. the run's and the data's seed)
+            module._log_hyperparams = datamodule._log_hyperparams = False
+            ckpt_path = resolve_ckpt_path(cfg, output_dir)
+            resumed_from, trained_as = None, None
+            if ckpt_path is not None:
+                checkpoint = read_checkpoint(ckpt_path)
+                check_resume(checkpoint, ckpt_path, cfg.get("ema_decay"), to_container(cfg.model))
+                resumed_from = {
+                    "checkpoint": ckpt_path,
+                    "epoch": int(checkpoint["epoch"]),
+                    "global_step": int(checkpoint["global_step"]),
+                }
+                trained_as = saved_model(checkpoint)
+                del checkpoint
+            trainer = L.Trainer(
+                **to_container(cfg.trainer),
+                default_root_dir=str(output_dir),
+                callbacks=callbacks,
+                logger=loggers or False,
+                plugins=[AtomicCheckpointIO()],
+            )
+            # the first writes into the folder, after every check: a refused resume leaves its
+            # hparams.yaml and metrics.csv as they were
             for logger in loggers:
-                if isinstance(logger, AppendingCSVLogger):
-                    logger.drop_rows_from(int(checkpoint["global_step"]))
-            del checkpoint
-        trainer = L.Trainer(
-            **to_container(cfg.trainer),
-            default_root_dir=str(output_dir),
-            callbacks=callbacks,
-            logger=loggers or False,
-            plugins=[AtomicCheckpointIO()],
-        )
-    except USER_ERRORS as err:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        raise ConfigError(_first_line(err)) from None
+                logger.log_hyperparams(to_container(cfg))
+            for logger in loggers:  # the steps from the checkpoint on are trained (and logged) again
+                if resumed_from is not None and isinstance(logger, AppendingCSVLogger):
+                    logger.drop_rows_from(resumed_from["global_step"])
+        except KeyboardInterrupt:  # Ctrl-C or kill before training: nothing worth keeping yet
+            name = stop.signal.name if stop.signal else "SIGINT"
+            line = f"crate-train: interrupted ({name}) before training; nothing was trained"
+            folder.close(line, trained=False)
+            print(line, file=sys.stderr)
+            sys.exit(stop.exit_code)
+        except Exception as err:
+            explained = explain(err, cfg)  # another package's error with a known cause (wandb, no GPU)
+            if explained is None and not isinstance(err, USER_ERRORS):
+                raise
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            message = explained or _first_line(err)
+            folder.close(f"crate-train: error: {message}", trained=False)
+            raise ConfigError(message) from None
 
-    best_validation = None
-    try:
-        with _ddp_launch_scope():
-            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-            best = getattr(trainer.checkpoint_callback, "best_model_path", None)
-            if cfg.get("validate_best") and best:
-                best_validation = validate_checkpoint(trainer, module, datamodule, best)
-    except DataError as err:  # a dataset file found broken while training; checkpoints so far stay
-        raise ConfigError(_first_line(err)) from None
-    except (OSError, RuntimeError) as err:
-        full = disk_full(err)
-        if full is not None:
-            raise ConfigError(
-                f"no space left on the device while writing {full.filename or 'a file of the run'} "
-                f"({full.strerror}): the checkpoints written so far in {output_dir / 'checkpoints'} are "
-                f"intact: free space, then resume with ckpt_path=last hydra.run.dir={output_dir}"
-            ) from None
-        if ckpt_path is None or "loading state_dict" not in str(err):
-            raise
-        raise ConfigError(
-            f"ckpt_path={ckpt_path} was saved from a different model than model={cfg.model.name}: "
-            f"{_first_line(err)}; resume with the model config it was trained with"
-        ) from None
-    checkpoint = trainer.checkpoint_callback  # the first one: the best by its monitor
-    last = [c.best_model_path for c in trainer.checkpoint_callbacks if getattr(c, "monitor", 1) is None]
+        best_validation = None
+        try:
+            with _ddp_launch_scope():
+                try:
+                    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+                    best = getattr(trainer.checkpoint_callback, "best_model_path", None)
+                    if cfg.get("validate_best") and best:
+                        best_validation = validate_checkpoint(trainer, module, datamodule, best)
+                except SystemExit:  # Lightning's end of a KeyboardInterrupt: its shutdown, then exit(1)
+                    if stop.signal is None:
+                        raise
+                except KeyboardInterrupt:  # one that came outside Lightning's handling
+                    pass
+        except (DataError, OSError, RuntimeError) as err:
+            full = disk_full(err)
+            if isinstance(err, DataError):  # a dataset file found broken while training
+                message = _first_line(err)
+            elif full is not None:
+                message = (
+                    f"no space left on the device while writing {full.filename or 'a file of the run'} "
+                    f"({full.strerror}): the checkpoints written so far in {output_dir / 'checkpoints'} are "
+                    "intact: free space, then resume with ckpt_path=last "
+                    f"hydra.run.dir={pasteable(output_dir)}"
+                )
+            elif explain(err, cfg) is not None:  # e.g. data.download=true without a network
+                message = explain(err, cfg)
+            elif ckpt_path is not None and "loading state_dict" in str(err):
+                lines = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
+                message = (
+                    f"ckpt_path={pasteable(ckpt_path)} does not fit model={cfg.model.name} "
+                    f"({(lines[0] if lines else _first_line(err)).rstrip('.')}): "
+                    f"{model_change(trained_as, to_container(cfg.model))}; resume with the model config "
+                    "it was trained with"
+                )
+            else:
+                raise
+            folder.close(f"crate-train: error: {message}", trained=trained_anything(trainer, output_dir))
+            raise ConfigError(message) from None
 
-    summary = {
-        "metrics": _float_metrics(trainer.callback_metrics),
-        "best": {
-            "monitor": getattr(checkpoint, "monitor", None),
-            "score": float(checkpoint.best_model_score)
-            if getattr(checkpoint, "best_model_score", None) is not None
+        stopped = stop.signal is not None  # further signals are ignored while the summary is written
+        checkpoint = trainer.checkpoint_callback  # the first one: the best by its monitor
+        last = [c.best_model_path for c in trainer.checkpoint_callbacks if getattr(c, "monitor", 1) is None]
+        wall_time = time.time() - started
+        summary = {
+            "status": "interrupted" if stopped else "finished",
+            "metrics": _float_metrics(trainer.callback_metrics),
+            "best": {
+                "monitor": getattr(checkpoint, "monitor", None),
+                "score": float(checkpoint.best_model_score)
+                if getattr(checkpoint, "best_model_score", None) is not None
+                else None,
+            },
+            "epochs": trainer.current_epoch,
+            "global_step": trainer.global_step,
+            "wall_time_s": round(wall_time, 2),
+            # this run's part plus the time its checkpoint had recorded, over every resume (None when
+            # the checkpoint it resumed from was written before crate-train recorded the time)
+            "total_wall_time_s": round(clock.total_s(started + wall_time), 2)
+            if resumed_from is None or clock.earlier_s is not None
             else None,
-        },
-        "epochs": trainer.current_epoch,
-        "global_step": trainer.global_step,
-        "wall_time_s": round(time.time() - started, 2),
-        "checkpoints": {
-            "best": getattr(checkpoint, "best_model_path", "") or None,
-            "last": (last[0] if last else getattr(checkpoint, "last_model_path", "")) or None,
-        },
-        "best_validation": best_validation,
-        "metrics_file": _metrics_file(loggers),
-        "config": str(output_dir / ".hydra" / "config.yaml"),
-        "output_dir": str(output_dir),
-    }
-    if trainer.is_global_zero:
-        summary_path = output_dir / "summary.json"
-        atomic_write_text(summary_path, json.dumps(summary, indent=2) + "\n")
-        _report(summary, summary_path)
+            "resumed_from": resumed_from,
+            "checkpoints": {
+                "best": getattr(checkpoint, "best_model_path", "") or None,
+                "last": (last[0] if last else getattr(checkpoint, "last_model_path", "")) or None,
+            },
+            "best_validation": best_validation,
+            "metrics_file": _metrics_file(loggers),
+            "config": str(output_dir / ".hydra" / "config.yaml"),
+            "output_dir": str(output_dir),
+        }
+        if stopped:
+            summary["signal"] = stop.signal.name
+        if trainer.is_global_zero:
+            summary_path = output_dir / "summary.json"
+            atomic_write_text(summary_path, json.dumps(summary, indent=2) + "\n")
+            if stopped:
+                line = stop_line(stop, trainer, output_dir)
+                folder.log(line, logging.WARNING)
+                print(line, file=sys.stderr, flush=True)
+            else:
+                _report(summary, summary_path)
+        if stopped:
+            sys.exit(stop.exit_code)
     return summary
 
 
 def _report(summary: Dict[str, Any], path: Path) -> None:
+
     metrics = summary["metrics"]
     shown = [k for k in ("val/acc1", "val/acc5") if k in metrics]
     shown = shown or [k for k in ("val/loss",) if k in metrics]
     values = ", ".join(f"{k} {metrics[k]:.4f}" for k in shown) or "no validation metrics"
+    took = f"in {summary['wall_time_s']:.1f} s"
+    resumed, total = summary.get("resumed_from"), summary.get("total_wall_time_s")
+    if resumed and total is not None:  # the time of every part, not only of the resumed one
+        step, part = resumed["global_step"], summary["wall_time_s"]
+        took = f"in {total:.1f} s, {part:.1f} s of them in this run (resumed at step {step})"
+    elif resumed:
+        step, part = resumed["global_step"], summary["wall_time_s"]
+        took = f"(this run, resumed at step {step}, took {part:.1f} s)"
+    # paths as they paste back after key= into a shell (quoted for Hydra when they need it)
+    shown_path = summary["checkpoints"]["best"] or summary["checkpoints"]["last"]
     lines = [
-        f"{values} after {summary['epochs']} epochs in {summary['wall_time_s']:.1f} s",
-        f"checkpoint: {summary['checkpoints']['best'] or summary['checkpoints']['last']}",
-        f"metrics:    {summary['metrics_file']}",
-        f"config:     {summary['config']}",
-        f"summary:    {path}",
+        f"{values} after {summary['epochs']} epochs {took}",
+        f"checkpoint: {pasteable(shown_path) if shown_path else None}",
+        f"metrics:    {pasteable(summary['metrics_file']) if summary['metrics_file'] else None}",
+        f"config:     {pasteable(summary['config'])}",
+        f"summary:    {pasteable(path)}",
     ]
     print("\n".join(lines), flush=True)
 

@@ -276,7 +276,7 @@ class KeyedBatches(Dataset):
         if self.keyed:
             # Lightning's overfit_batches swaps EpochSampler for a sequential sampler of plain
             # indices: those images keep one key of their own (-1 marks it off the epoch keys)
-            items = [item if isinstance(item, tuple) else (item, stable_seed(-1, int(item))) for item in items]
+            items = [i if isinstance(i, tuple) else (i, stable_seed(-1, int(i))) for i in items]
             indices = [int(index) for index, _ in items]
             keys = torch.tensor([key for _, key in items], dtype=torch.int64)
         else:
@@ -310,6 +310,26 @@ def _batched(batch: Any) -> Any:
     return batch
 
 
+# torch warns about more workers than cores at every loader start (training and validation,
+# every epoch without persistent workers), in four lines; crate-lit says it once, in one
+_WORKER_WARNING = "This DataLoader will create"
+_warned_worker_counts: set = set()
+
+
+def _check_worker_count(workers: int) -> None:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if workers <= cores:
+        return
+    warnings.filterwarnings("ignore", message=_WORKER_WARNING, category=UserWarning)
+    if (workers, cores) not in _warned_worker_counts:
+        _warned_worker_counts.add((workers, cores))
+        log.warning(
+            "data.num_workers=%d is more than the %d CPU cores this process may use: the extra workers "
+            "wait for a core and take memory; set data.num_workers=%d or fewer",
+            workers, cores, cores,
+        )  # fmt: skip
+
+
 def make_loader(
     dataset: Dataset,
     hp: Any,
@@ -326,6 +346,7 @@ def make_loader(
     n)`` leaves out the first n images of this rank's share of that epoch (a run resumed
     mid-epoch).
     """
+    _check_worker_count(hp.num_workers)
     sampler = None
     if train:
         world, rank, epoch = 1, 0, 0
@@ -362,6 +383,8 @@ class ImageDataModule(L.LightningDataModule):
 
     mean: Tuple[float, float, float] = IMAGENET_MEAN
     std: Tuple[float, float, float] = IMAGENET_STD
+    # whether num_classes=None means "the classes the files hold" (a generated dataset needs a count)
+    takes_classes_as_found = False
 
     def __init__(self) -> None:
         super().__init__()

@@ -332,14 +332,17 @@ class ImageNetDataModule(ImageDataModule):
     horizontal flip on the device); evaluation resizes to ``eval_resize`` (default
     ``image_size / 0.875``) and center-crops ``image_size``. Workers decode, crop and resize in
     one step to uint8 (``CropReader``); with ``decode="gpu"`` they only read the JPEG bytes and
-    the GPU decodes each batch (nvjpeg) and crops it there.
+    the GPU decodes each batch (nvjpeg) and crops it there. ``num_classes`` must match the class
+    folders, or be None to take them as found (CRATE-MAE pre-training uses no labels).
     """
+
+    takes_classes_as_found = True
 
     def __init__(
         self,
         root: str,
         image_size: int = 224,
-        num_classes: int = 1000,
+        num_classes: Optional[int] = 1000,
         batch_size: int = 256,
         num_workers: int = 8,
         pin_memory: bool = True,
@@ -361,7 +364,8 @@ class ImageNetDataModule(ImageDataModule):
                 "use data.decode=cpu (the default) on this machine"
             )
         _check_positive_int("data.image_size", image_size)
-        _check_positive_int("data.num_classes", num_classes)
+        if num_classes is not None:
+            _check_positive_int("data.num_classes", num_classes)
         _check_positive_int("data.batch_size", batch_size)
         if train_transform not in TRAIN_TRANSFORMS:
             raise ValueError(
@@ -382,9 +386,9 @@ class ImageNetDataModule(ImageDataModule):
         self.train_reader = CropReader(image_size, scale=scale, resample=resample, encoded=encoded)
         self.eval_reader = CropReader(image_size, resize=eval_resize, encoded=encoded)
 
-    def _check_layout(self, root: str, num_classes: int) -> List[str]:
+    def _check_layout(self, root: str, num_classes: Optional[int]) -> List[str]:
         classes = self.class_folders(root)
-        if len(classes) != num_classes:
+        if num_classes is not None and len(classes) != num_classes:
             raise ValueError(
                 f"found {len(classes)} class folders in {os.path.join(root, 'train')} but "
                 f"data.num_classes={num_classes}; set data.num_classes={len(classes)}"
@@ -487,13 +491,13 @@ class ImageNetShardsDataModule(ImageNetDataModule):
     their index, see ``crate_lit.data.shards``) instead of class folders: the same images in
     the same order, so the same recipe, sampler, DDP split and resume behaviour."""
 
-    def _check_layout(self, root: str, num_classes: int) -> List[str]:
+    def _check_layout(self, root: str, num_classes: Optional[int]) -> List[str]:
         self.manifest = read_manifest(root)
         classes = list(self.manifest["classes"])
         missing = [split for split in ("train", "val") if split not in self.manifest["splits"]]
         if missing:
             raise ValueError(f"{root} has no {' or '.join(missing)} split; pack the dataset again")
-        if len(classes) != num_classes:
+        if num_classes is not None and len(classes) != num_classes:
             raise ValueError(
                 f"the shards in {root} hold {len(classes)} classes but data.num_classes={num_classes}; "
                 f"set data.num_classes={len(classes)}"
@@ -615,6 +619,8 @@ class CIFARDataModule(ImageDataModule):
     Normalised with the ImageNet statistics, not CIFAR's, because the models are pre-trained on
     ImageNet and fine-tuning should feed them inputs on the scale they were trained with.
     """
+
+    takes_classes_as_found = True  # num_classes=None: the variant's 10 or 100
 
     def __init__(
         self,

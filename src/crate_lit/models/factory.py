@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import inspect
 import logging
 import pickle
 from dataclasses import dataclass, field
@@ -48,22 +49,65 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
     raise ValueError(f"unknown model {name!r}{hint}; available: {', '.join(MODEL_NAMES)}")
 
 
+# How a file written by ``torch.save`` begins: a zip archive (the format since PyTorch 1.6), or in
+# the legacy format the pickled magic number (a 10-byte long after the pickle protocol header).
+_ZIP_MAGIC = b"PK\x03\x04"
+_LEGACY_MAGIC = b"\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+
+
+def torch_file_format(path: Union[str, Path]) -> str | None:
+    """``"zip"`` or ``"legacy"`` for a file that ``torch.save`` wrote, None for any other file;
+    from its first bytes, so that a text or random file is named as such instead of being handed
+    to the unpickler (whose errors, e.g. ``KeyError: 101``, say nothing about the file)."""
+    with open(path, "rb") as handle:
+        head = handle.read(32)
+    if head.startswith(_ZIP_MAGIC):
+        return "zip"
+    if head[:1] == b"\x80" and _LEGACY_MAGIC in head:
+        return "legacy"
+    return None
+
+
 def _read(source: Union[str, Path]) -> Any:
     path = Path(source).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}; check the path (model.pretrained=...)")
+    if torch_file_format(path) is None:
+        raise CheckpointMismatchError(
+            f"{path} is not a PyTorch checkpoint (torch.save writes a zip archive or its legacy "
+            "format; this file is neither); give a released .pth or a crate-lit .ckpt"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        if "Unsupported global" not in str(err):
+            raise CheckpointMismatchError(
+                f"{path} is a PyTorch file but cannot be read ({_last_line(err)}); "
+                "it is damaged (truncated or altered): get a fresh copy"
+            ) from None
         raise CheckpointMismatchError(
             f"{path} holds Python objects that torch.load(weights_only=True) refuses "
-            f"({str(err).splitlines()[0]}); if you trust the file, load it with "
+            f"({_last_line(err)}); if you trust the file, load it with "
             "torch.load(path, weights_only=False) and pass the resulting state dict"
         ) from None
-    except (RuntimeError, EOFError, OSError) as err:
+    except Exception as err:  # a damaged archive fails in many ways (zip, pickle, unicode, storage)
         raise CheckpointMismatchError(
-            f"{path} is not a readable PyTorch checkpoint ({str(err).splitlines()[0]})"
+            f"{path} is a PyTorch file but cannot be read ({_last_line(err)}); "
+            "it is damaged (truncated or altered): get a fresh copy"
         ) from None
+
+
+def _last_line(err: BaseException) -> str:
+    """What a ``torch.load`` error says is wrong: for the weights-only unpickler its cause
+    (``Unsupported global: ...``, ``Unsupported operand ...``, after paragraphs of advice), for
+    others their last non-empty line."""
+    text = str(err)
+    start = text.find("Unsupported ")
+    if start >= 0:
+        cause = text[start:].split("\n", 1)[0]
+        return cause.split(". ", 1)[0].rstrip(".")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__
 
 
 def _unwrap(obj: Any) -> Dict[str, Tensor]:
@@ -86,13 +130,64 @@ def _unwrap(obj: Any) -> Dict[str, Tensor]:
     return state
 
 
+def _architecture(state: Dict[str, Tensor]) -> tuple[str, int | None, int, int | None]:
+    """(family, width, depth, patch size) of a state dict, read from its shapes; released key
+    names are mapped first, so a file of either family is read whichever model it was given to."""
+    state = crate.rename_keys(crate.rename_keys(state, crate.RELEASED_KEYS), crate_mae.RELEASED_KEYS)
+    family = "CRATE-MAE" if any(k.startswith("decoder_blocks.") for k in state) else "CRATE"
+    width = next((int(v.shape[-1]) for k, v in state.items() if k.endswith("cls_token")), None)
+    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.") and k.split(".")[1].isdigit()})
+    proj = state.get("patch_embed.proj.weight")
+    patch = None
+    if proj is not None and proj.dim() == 4:  # CRATE-MAE: a convolution (width, channels, p, p)
+        patch = int(proj.shape[-1])
+    elif proj is not None and proj.dim() == 2:  # CRATE: a linear map of flattened RGB patches
+        side = round((int(proj.shape[1]) / 3) ** 0.5)
+        patch = side if 3 * side * side == proj.shape[1] else None
+    return family, width, depth, patch
+
+
 def _describe(state: Dict[str, Tensor]) -> str:
-    width = next((v.shape[-1] for k, v in state.items() if k.endswith("cls_token")), None)
-    layers = {k.split(".")[1] for k in state if k.startswith(("blocks.", "transformer.layers."))}
-    layers |= {k.split(".")[2] for k in state if k.startswith("transformer.layers.")}
-    depth = len({x for x in layers if x.isdigit()})
-    family = "CRATE-MAE" if any("decoder_blocks" in k for k in state) else "CRATE"
-    return f"{family} checkpoint of width {width}, depth {depth}"
+    family, width, depth, patch = _architecture(state)
+    return f"{family} checkpoint of width {width}, depth {depth}" + (f", patch {patch}" if patch else "")
+
+
+def matching_models(state: Dict[str, Tensor]) -> List[str]:
+    """The named models (``MODEL_NAMES``) whose width, depth and patch size are the state dict's:
+    the size table (``CRATE_CONFIGS``, ``CRATE_MAE_CONFIGS``) over the constructors' defaults."""
+
+    family, width, depth, patch = _architecture(state)
+    table, builder = (CRATE_MAE_CONFIGS, CrateMAE) if family == "CRATE-MAE" else (CRATE_CONFIGS, Crate)
+    defaults = {name: p.default for name, p in inspect.signature(builder).parameters.items()}
+    names = []
+    for name, config in table.items():
+        config = {**defaults, **config}
+        if (config["embed_dim"], config["depth"]) == (width, depth) and patch in (None, config["patch_size"]):
+            names.append(name)
+    return names
+
+
+def _fit_hint(model: nn.Module, state: Dict[str, Tensor], misshaped: bool) -> str:
+    """Which model the checkpoint is for, where that is not ``model``: ``strict=False`` skips
+    missing and unexpected keys only, so it cannot help a checkpoint of another size."""
+    description = _describe(state)
+    own = ("CRATE-MAE" if isinstance(model, CrateMAE) else "CRATE", model.embed_dim, len(model.blocks))
+    patch = _architecture(state)[3]
+    if _architecture(state)[:3] == own and patch in (None, model.patch_embed.patch_size):
+        skip = "" if misshaped else "; pass strict=False to skip the missing and unexpected keys"
+        return f"It is a {description}, the model's own size{skip}"
+    names = matching_models(state)
+    if names:
+        return (
+            f"It is a {description}, which is {' or '.join(names)}: build that model "
+            f"(create_model({names[0]!r}); on the command line model={names[0]})"
+        )
+    family, width, depth, patch = _architecture(state)
+    return (
+        f"It is a {description}, which none of the named models (MODEL_NAMES) is: build one of "
+        f"that size (on the command line model.embed_dim={width} model.depth={depth}"
+        + (f" model.patch_size={patch})" if patch else ")")
+    )
 
 
 def _summary(label: str, keys: List[str], limit: int = 6) -> str:
@@ -157,10 +252,10 @@ def load_pretrained(
     if misshaped:
         problems.append(_summary("mis-shaped", misshaped, limit=3))
     if problems:
+        label = str(source) if isinstance(source, (str, Path)) else "checkpoint"
         raise CheckpointMismatchError(
-            f"checkpoint does not fit {type(model).__name__}: {'; '.join(problems)}. "
-            f"It looks like a {_describe(state)}; build the model that matches it "
-            "(see crate_lit.models.MODEL_NAMES) or pass strict=False to skip missing/unexpected keys"
+            f"{label} does not fit {type(model).__name__}: {'; '.join(problems)}. "
+            f"{_fit_hint(model, state, bool(misshaped))}"
         )
     if missing or unexpected:
         log.warning(

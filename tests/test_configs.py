@@ -162,3 +162,13 @@ def test_crate_analyze_and_crate_bench_check_their_command_lines(tmp_path: Path)
     bench = [str(BIN / "crate-bench"), "--data", "data.batch_sise=8"]
     proc = subprocess.run(bench, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert "did you mean data.batch_size?" in one_line_error(proc, command="crate-bench")
+
+
+@pytest.mark.parametrize("ratio", ["1.5", "1.0", "-0.1", "half"])
+def test_a_mask_ratio_outside_0_to_1_stops_before_anything_is_built(ratio: str) -> None:
+    from crate_lit.train import ConfigError, validate
+
+    cfg = _composed("task=mae", "model=mae_crate_micro", "data.image_size=32", f"mask_ratio={ratio}")
+    with pytest.raises(ConfigError, match=r"mask_ratio must be a number in \[0, 1\)"):
+        validate(cfg)
+    validate(_composed("task=mae", "model=mae_crate_micro", "data.image_size=32", "mask_ratio=0.0"))

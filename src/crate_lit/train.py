@@ -118,6 +118,13 @@ def validate(cfg: DictConfig) -> None:
             "CRATE classifier (e.g. model=crate_tiny), or pre-train it with task=mae "
             "(experiment=mae_pretrain) or probe its encoder with experiment=linear_probe"
         )
+    ratio = cfg.get("mask_ratio")
+    number = isinstance(ratio, (int, float)) and not isinstance(ratio, bool)
+    if task == "mae" and not (number and 0 <= ratio < 1):
+        raise ConfigError(
+            f"mask_ratio must be a number in [0, 1) (the share of patches removed), got {ratio!r}; "
+            "the MAE recipe uses mask_ratio=0.75"
+        )
     if task == "mae" and not is_mae(model):
         raise ConfigError(
             f"task=mae pre-trains a CRATE-MAE model, but model={model} is a classifier; "

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
-from timm.optim import Lion
-from timm.optim._param_groups import param_groups_weight_decay
+from timm.optim import Lion, param_groups_weight_decay
 from torch import nn
 
+log = logging.getLogger(__name__)
+
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "lion": Lion, "sgd": torch.optim.SGD}
-SCHEDULES = ("warmup_cosine", "constant")
+# each schedule's config keys besides ``name``: conf/scheduler/<name>.yaml has exactly these
+SCHEDULES = {"warmup_cosine": ("warmup_epochs", "min_lr_ratio"), "constant": ("warmup_epochs",)}
 
 
 def build_optimizer(model: nn.Module, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
@@ -48,15 +51,48 @@ class WarmupCosine:
         return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def optimizer_steps_per_epoch(trainer: Any) -> float:
+    """Optimizer steps in one epoch of ``trainer``'s training loader, as Lightning counts them
+    (``limit_train_batches``, this process's share under DDP, one step per
+    ``accumulate_grad_batches`` batches and one at the epoch's end); ``inf`` for a loader
+    without a length. Independent of ``max_steps``, unlike ``estimated_stepping_batches``."""
+    # estimated_stepping_batches sets up the training loader if the fit has not yet: before
+    # that, num_training_batches is inf
+    _ = trainer.estimated_stepping_batches
+    batches = trainer.num_training_batches
+    if math.isinf(batches):
+        return math.inf
+    return math.ceil(batches / trainer.accumulate_grad_batches)
+
+
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: Mapping[str, Any], total_steps: int, max_epochs: int
+    optimizer: torch.optim.Optimizer, cfg: Mapping[str, Any], total_steps: int, steps_per_epoch: float
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """``cfg``: ``name`` (warmup_cosine or constant), ``warmup_epochs``, ``min_lr_ratio``."""
+    """``cfg``: ``name`` (warmup_cosine or constant), ``warmup_epochs`` (epochs of the training
+    loader: ``steps_per_epoch`` optimizer steps each, also when ``trainer.max_steps`` ends the
+    run sooner, which then cuts the warm-up short) and, for warmup_cosine, ``min_lr_ratio`` (the
+    last step's rate as a fraction of the peak). ``total_steps``: the run's optimizer steps."""
     name = cfg.get("name")
     if name not in SCHEDULES:
         raise ValueError(f"unknown scheduler.name {name!r}; choose one of {', '.join(SCHEDULES)}")
-    steps_per_epoch = total_steps / max(1, max_epochs)
-    warmup = int(round(float(cfg.get("warmup_epochs", 0)) * steps_per_epoch))
-    min_ratio = 1.0 if name == "constant" else float(cfg.get("min_lr_ratio", 0.0))
-    warmup = min(warmup, max(0, total_steps - 1))
+    unused = sorted(set(cfg) - {"name", *SCHEDULES[name]})
+    if unused:
+        # e.g. an experiment's min_lr_ratio for its cosine, with scheduler=constant chosen after it
+        log.warning(
+            "scheduler=%s does not use %s (its keys: %s): ignored",
+            name, ", ".join(f"scheduler.{key}" for key in unused), ", ".join(SCHEDULES[name]),
+        )  # fmt: skip
+    warmup_epochs = float(cfg.get("warmup_epochs", 0))
+    if warmup_epochs < 0:
+        raise ValueError(f"scheduler.warmup_epochs must be >= 0, got {warmup_epochs:g}")
+    if warmup_epochs == 0:
+        warmup = 0
+    elif math.isinf(steps_per_epoch):
+        raise ValueError(
+            "scheduler.warmup_epochs needs a training loader with a length (epochs of it); "
+            "set scheduler.warmup_epochs=0"
+        )
+    else:
+        warmup = min(int(round(warmup_epochs * steps_per_epoch)), total_steps)
+    min_ratio = float(cfg.get("min_lr_ratio", 0.0)) if name == "warmup_cosine" else 1.0
     return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(warmup, total_steps, min_ratio))

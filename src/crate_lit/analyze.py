@@ -27,7 +27,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from . import whitebox
-from .configs import exit_on_command_line_error, usage
+from .configs import run_command
 from .data import DATAMODULES
 from .models import CrateMAE, CrateMAEClassifier, load_pretrained
 from .models.factory import _unwrap as state_dict_of
@@ -405,13 +405,8 @@ EXAMPLES = (
 def main() -> None:
     """The ``crate-analyze`` command: its own ``--help``, one line for a mistyped group option or
     key, then Hydra composes the config and ``run`` analyses."""
-    argv = sys.argv[1:]
-    if "--help" in argv or "-h" in argv:
-        about = "White-box measurements and figures of a CRATE checkpoint (crate-lit's or a released one)."
-        print(usage("crate-analyze", "analyze", about, EXAMPLES))
-        return
-    exit_on_command_line_error("crate-analyze", "analyze", argv)
-    _hydra_main()
+    about = "White-box measurements and figures of a CRATE checkpoint (crate-lit's or a released one)."
+    run_command("crate-analyze", "analyze", about, EXAMPLES, _hydra_main)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import difflib
 import sys
 import textwrap
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import yaml
 from hydra import compose, initialize_config_dir
@@ -21,7 +21,14 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-__all__ = ["CommandLineError", "check_command_line", "group_options", "usage", "user_overrides"]
+__all__ = [
+    "CommandLineError",
+    "check_command_line",
+    "group_options",
+    "run_command",
+    "usage",
+    "user_overrides",
+]
 
 # Hydra's own flags that take a value (the rest are switches)
 _FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-name", "-cn", "--experimental-rerun"}
@@ -220,10 +227,18 @@ def usage(program: str, config_name: str, about: str, examples: Sequence[str]) -
     return "\n".join(lines)
 
 
-def exit_on_command_line_error(program: str, config_name: str, argv: Sequence[str]) -> None:
-    """The entry points' first step: one line and exit code 2 for a mistake in ``argv``."""
+def run_command(
+    program: str, config_name: str, about: str, examples: Sequence[str], hydra_main: Callable[[], Any]
+) -> None:
+    """An entry point's command line: ``--help`` prints ``usage``; a mistyped group option or key
+    is one line and exit code 2; anything else goes on to ``hydra_main`` (a ``@hydra.main``)."""
+    argv = sys.argv[1:]
+    if "--help" in argv or "-h" in argv:
+        print(usage(program, config_name, about, examples))
+        return
     try:
         check_command_line(config_name, argv)
     except CommandLineError as err:
         print(f"{program}: error: {err}", file=sys.stderr)
         sys.exit(2)
+    hydra_main()

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf, read_write
 from omegaconf.errors import OmegaConfBaseException
 
 from .callbacks import EMA
-from .configs import exit_on_command_line_error, usage
+from .configs import run_command
 from .data import DATAMODULES
 from .data.datamodules import DataError
 from .loggers import AppendingCSVLogger, quiet_lightning_notices
@@ -503,12 +503,7 @@ EXAMPLES = (
 def main() -> None:
     """The ``crate-train`` command: its own ``--help``, one line for a mistyped group option or
     key, then Hydra composes the config and ``run`` trains."""
-    argv = sys.argv[1:]
-    if "--help" in argv or "-h" in argv:
-        print(usage("crate-train", "train", "Train, fine-tune or pre-train a CRATE model.", EXAMPLES))
-        return
-    exit_on_command_line_error("crate-train", "train", argv)
-    _hydra_main()
+    run_command("crate-train", "train", "Train, fine-tune or pre-train a CRATE model.", EXAMPLES, _hydra_main)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def test_mistakes_on_the_command_line_are_named_with_the_closest_valid_one(argv,
         ["data.shape_scale=[0.3,0.6]", "data.shape_scale.0=0.2"],
         ["experiment=mae_pretrain", "mask_ratio=0.5", "optimizer.lr=interval(1e-4,1e-2)"],
         ["hydra/launcher=slurm", "hydra.run.dir=/x", "ckpt_path='/my runs/données.ckpt'"],
-        ["debug=overfit", "scheduler.min_lr_ratio=1.0"],  # keys a group's own defaults bring in
+        ["debug=overfit", "scheduler.warmup_epochs=0.5"],  # keys a group's own defaults bring in
         ["--config-dir", "/elsewhere", "anything.at_all=1"],  # other configs: not ours to judge
     ],
 )

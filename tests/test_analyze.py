@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -205,6 +206,17 @@ def test_a_truncated_checkpoint_is_a_one_line_error(tmp_path):
     proc = run("crate-analyze", f"ckpt_path={path}", "model=crate_micro", cwd=tmp_path)
     line = one_line_error(proc, command="crate-analyze")
     assert f"ckpt_path={path} cannot be read as a checkpoint" in line and "damaged" in line
+
+
+def test_a_file_holding_python_objects_is_refused_unread(tmp_path):
+    """Unpickling arbitrary objects can run code: crate-analyze reads tensors and containers only
+    (crate-train unpickles more only to resume its own checkpoints, as Lightning does)."""
+    path = tmp_path / "with_objects.pth"
+    weights = create_model("crate_micro").state_dict()
+    torch.save({"state_dict": weights, "args": argparse.Namespace(lr=1)}, path)
+    proc = run("crate-analyze", f"ckpt_path={path}", "model=crate_micro", cwd=tmp_path)
+    line = one_line_error(proc, command="crate-analyze")
+    assert "holds objects other than tensors and plain containers" in line
 
 
 @pytest.mark.slow

@@ -50,7 +50,7 @@ def load_checkpoint(cfg: DictConfig) -> Dict[str, Any]:
     path = Path(str(cfg.ckpt_path)).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"ckpt_path={path} does not exist; point it at a .ckpt or released .pth file")
-    return read_checkpoint(path)
+    return read_checkpoint(path, resuming=False)
 
 
 def _given_on_command_line() -> set:

@@ -258,28 +258,37 @@ def _exit_with_error(message: str) -> None:
 # checking a checkpoint to resume from
 
 
-def read_checkpoint(path: os.PathLike | str) -> Dict[str, Any]:
+def read_checkpoint(path: os.PathLike | str, resuming: bool = True) -> Dict[str, Any]:
     """A checkpoint's contents, memory-mapped (nothing is read that is not used) when it is a zip
     archive (the legacy format of older released files cannot be mapped). Plain containers are
     read under ``weights_only``; a checkpoint that holds other objects (another project's
-    hyper-parameters) is read as Lightning itself would read it to resume."""
+    hyper-parameters) is read as Lightning itself would read it to resume, and only then:
+    otherwise (``resuming=False``, e.g. a downloaded file to analyse) unpickling arbitrary
+    objects could run code, so such a file is refused."""
     kind = torch_file_format(path)
     if kind is None:
         raise ValueError(
             f"ckpt_path={pasteable(path)} is not a PyTorch checkpoint (neither a torch.save zip archive "
             "nor its legacy format); give a crate-train .ckpt, e.g. ckpt_path=last"
         )
-    mmap = kind == "zip"
+    mmap, checkpoint = kind == "zip", None
     try:
         try:
             checkpoint = torch.load(str(path), map_location="cpu", mmap=mmap, weights_only=True)
         except pickle.UnpicklingError:
-            checkpoint = torch.load(str(path), map_location="cpu", mmap=mmap, weights_only=False)
+            if resuming:
+                checkpoint = torch.load(str(path), map_location="cpu", mmap=mmap, weights_only=False)
     except Exception as err:  # a damaged file fails in many ways (zip, pickle, unicode, storage)
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(
             f"ckpt_path={pasteable(path)} cannot be read as a checkpoint ({first}); is it damaged?"
         ) from None
+    if checkpoint is None:
+        raise ValueError(
+            f"ckpt_path={pasteable(path)} holds objects other than tensors and plain containers (or is "
+            "damaged), which are read only from a checkpoint being resumed (unpickling them could run "
+            "code); give a crate-train .ckpt or a released state dict"
+        )
     if not isinstance(checkpoint, dict):
         raise ValueError(f"ckpt_path={pasteable(path)} holds a {type(checkpoint).__name__}, not a checkpoint")
     return checkpoint

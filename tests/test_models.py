@@ -325,14 +325,20 @@ def test_timm_forward_fx(name):
     assert expected.shape[0] == 1 and not expected.isnan().any()
 
 
-@pytest.mark.parametrize("name", TIMM_CASES)
-def test_timm_forward_fx_torchscript(name):
+def scriptable_timm_model(name: str) -> tuple:
+    """The model as timm's TorchScript tests build it (scriptable mode, eval) and their input
+    size; skipped where timm skips it."""
     size = timm_input_size(name, TIMM_JIT_TARGET)
     if max(size) > TIMM_JIT_MAX:
         pytest.skip("timm skips fixed input sizes over its TorchScript limit")
     with set_scriptable(True):
         model = timm.create_model(name, pretrained=False)
-    model.eval()
+    return model.eval(), size
+
+
+@pytest.mark.parametrize("name", TIMM_CASES)
+def test_timm_forward_fx_torchscript(name):
+    model, size = scriptable_timm_model(name)
     scripted = torch.jit.script(timm_fx_model(model))
     with torch.inference_mode():
         x = torch.randn(1, *size)
@@ -344,12 +350,7 @@ def test_timm_forward_fx_torchscript(name):
 
 @pytest.mark.parametrize("name", TIMM_CASES)
 def test_timm_forward_torchscript(name):
-    size = timm_input_size(name, TIMM_JIT_TARGET)
-    if max(size) > TIMM_JIT_MAX:
-        pytest.skip("timm skips fixed input sizes over its TorchScript limit")
-    with set_scriptable(True):
-        model = timm.create_model(name, pretrained=False)
-    model.eval()
+    model, size = scriptable_timm_model(name)
     scripted = torch.jit.script(model)
     x = torch.randn(1, *size)
     got = scripted(x)

@@ -621,3 +621,17 @@ def test_pasteable_paths_survive_the_shell_and_hydras_lexer(tmp_path):
         ).stdout
         assert parser.parse_override(argv).value() == path, (path, printed)
     assert pasteable("/plain/2026-12-02/05-02-22/last.ckpt") == "/plain/2026-12-02/05-02-22/last.ckpt"
+
+
+def test_a_resume_with_data_settings_that_resize_the_weights_is_refused_before_anything_is_written(tmp_path):
+    """data.image_size sizes the position table, data.num_classes the head: neither is in the
+    model config, yet the checkpoint cannot be loaded; refused at start, the run's files as they were."""
+    run = tmp_path / "run"
+    proc = crate_train(*MICRO, "trainer.max_epochs=1", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    kept = {name: (run / name).read_bytes() for name in ("hparams.yaml", "metrics.csv")}
+    for change, key in (("data.image_size=48", "pos_embed"), ("data.num_classes=4", "head")):
+        args = [*MICRO, "trainer.max_epochs=2", change, f"hydra.run.dir={run}", "ckpt_path=last"]
+        line = one_line_error(crate_train(*args, cwd=tmp_path))
+        assert "does not fit this run's model" in line and key in line, line
+        assert {name: (run / name).read_bytes() for name in kept} == kept

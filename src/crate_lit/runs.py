@@ -320,9 +320,12 @@ def check_resume(
     path: str,
     ema_decay: Optional[float],
     model: Optional[Mapping[str, Any]] = None,
+    weights: Optional[Mapping[str, Any]] = None,
 ) -> None:
     """One-line errors for a checkpoint that this run cannot continue faithfully; ``model`` is
-    this run's model config, checked against the one the checkpoint was trained with."""
+    this run's model config, checked against the one the checkpoint was trained with, and
+    ``weights`` its module's state dict, whose names and shapes the checkpoint's must have (a
+    head or position table sized by the data settings differs without the model config)."""
     if "pytorch-lightning_version" not in checkpoint or "state_dict" not in checkpoint:
         raise ValueError(
             f"ckpt_path={pasteable(path)} holds model weights, not a crate-train checkpoint to resume; "
@@ -338,6 +341,12 @@ def check_resume(
                 f"than this run's {ours}; resume it with {model_overrides(saved)} (and the other "
                 "overrides of that run)"
             )
+    misfit = _weights_misfit(checkpoint["state_dict"], weights) if weights is not None else None
+    if misfit is not None:
+        raise ValueError(
+            f"ckpt_path={pasteable(path)} does not fit this run's model ({misfit}): "
+            f"{model_change(saved, model or {})}; resume with the model config it was trained with"
+        )
     if "current_model_state" in checkpoint and ema_decay is None:
         states = checkpoint.get("callbacks", {}).values()
         decay = next((s["decay"] for s in states if isinstance(s, dict) and "decay" in s), None)
@@ -523,6 +532,17 @@ def stop_line(stop: StopSignals, trainer: L.Trainer, output_dir: Path) -> str:
         f"crate-train: interrupted ({name}) {where}; the run is in {output_dir} (last checkpoint: "
         f"{last.name}); resume it with: {' '.join(command)}"
     )
+
+
+def _weights_misfit(saved: Mapping[str, Any], current: Mapping[str, Any]) -> Optional[str]:
+    """The first difference in names or shapes between two state dicts, in words, or None."""
+    for key, value in current.items():
+        if key not in saved:
+            return f"it has no {key}"
+        if tuple(saved[key].shape) != tuple(value.shape):
+            return f"{key} is {tuple(saved[key].shape)} there, {tuple(value.shape)} here"
+    extra = next((key for key in saved if key not in current), None)
+    return f"it has {extra}, which this model has not" if extra is not None else None
 
 
 def model_change(saved: Optional[Mapping[str, Any]], current: Mapping[str, Any]) -> str:

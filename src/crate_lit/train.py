@@ -41,10 +41,8 @@ from .runs import (
     config_dir,
     disk_full,
     explain,
-    model_change,
     pasteable,
     read_checkpoint,
-    saved_model,
     stop_line,
     trained_anything,
 )
@@ -326,16 +324,16 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
             # the data module's hyper-parameters (whose keys clash, e.g. the run's and the data's seed)
             module._log_hyperparams = datamodule._log_hyperparams = False
             ckpt_path = resolve_ckpt_path(cfg, output_dir)
-            resumed_from, trained_as = None, None
+            resumed_from = None
             if ckpt_path is not None:
                 checkpoint = read_checkpoint(ckpt_path)
-                check_resume(checkpoint, ckpt_path, cfg.get("ema_decay"), to_container(cfg.model))
+                model = to_container(cfg.model)
+                check_resume(checkpoint, ckpt_path, cfg.get("ema_decay"), model, module.state_dict())
                 resumed_from = {
                     "checkpoint": ckpt_path,
                     "epoch": int(checkpoint["epoch"]),
                     "global_step": int(checkpoint["global_step"]),
                 }
-                trained_as = saved_model(checkpoint)
                 del checkpoint
             trainer = L.Trainer(
                 **to_container(cfg.trainer),
@@ -391,16 +389,8 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
                     "intact: free space, then resume with ckpt_path=last "
                     f"hydra.run.dir={pasteable(output_dir)}"
                 )
-            elif explain(err, cfg) is not None:  # e.g. data.download=true without a network
-                message = explain(err, cfg)
-            elif ckpt_path is not None and "loading state_dict" in str(err):
-                lines = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
-                message = (
-                    f"ckpt_path={pasteable(ckpt_path)} does not fit model={cfg.model.name} "
-                    f"({(lines[0] if lines else _first_line(err)).rstrip('.')}): "
-                    f"{model_change(trained_as, to_container(cfg.model))}; resume with the model config "
-                    "it was trained with"
-                )
+            elif (explained := explain(err, cfg)) is not None:  # e.g. data.download=true, no network
+                message = explained
             else:
                 raise
             folder.close(f"crate-train: error: {message}", trained=trained_anything(trainer, output_dir))

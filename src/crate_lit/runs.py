@@ -27,7 +27,7 @@ from hydra.experimental.callback import Callback
 from lightning.pytorch.plugins import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from .models.factory import CRATE_CONFIGS, CRATE_MAE_CONFIGS, torch_file_format
+from .models.factory import CRATE_CONFIGS, CRATE_MAE_CONFIGS, named_config, torch_file_format
 
 # files and folders that show a folder already holds a crate-train run
 RUN_MARKERS = (".hydra", "checkpoints", "metrics.csv", "summary.json", "multirun.yaml")
@@ -306,9 +306,9 @@ def saved_model(checkpoint: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
 
 def model_overrides(model: Mapping[str, Any]) -> str:
     """``model=<name>`` plus the ``model.<key>=<value>`` overrides that its config needs beyond
-    the named size (``CRATE_CONFIGS`` / ``CRATE_MAE_CONFIGS``)."""
+    the named size (``named_config``: the size table over the constructor's defaults)."""
     name = str(model["name"])
-    table = {**CRATE_CONFIGS, **CRATE_MAE_CONFIGS}.get(name, {})
+    table = named_config(name) if name in CRATE_CONFIGS or name in CRATE_MAE_CONFIGS else {}
     extra = [
         f"model.{k}={model[k]}" for k in _SHAPE_KEYS if k in model and k in table and model[k] != table[k]
     ]
@@ -397,6 +397,11 @@ class StopSignals:
     def __init__(self) -> None:
         self.signal: Optional[signal.Signals] = None
         self._previous: Dict[int, Any] = {}
+
+    @property
+    def name(self) -> str:
+        """The signal that came (a Ctrl-C that Python itself turned into KeyboardInterrupt: SIGINT)."""
+        return (self.signal or signal.SIGINT).name
 
     @property
     def exit_code(self) -> int:
@@ -516,7 +521,7 @@ def _task_overrides() -> List[str]:
 def stop_line(stop: StopSignals, trainer: L.Trainer, output_dir: Path) -> str:
     """The one line of a run stopped by a signal: where it is and the command that resumes it
     (this run's overrides, ``ckpt_path=last`` and its folder, quoted to paste into a shell)."""
-    name = stop.signal.name if stop.signal is not None else "SIGINT"
+    name = stop.name
     where = f"in epoch {trainer.current_epoch} at step {trainer.global_step}"
     last = output_dir / "checkpoints" / "last.ckpt"
     if not last.is_file():

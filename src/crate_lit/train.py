@@ -350,8 +350,7 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
                 if resumed_from is not None and isinstance(logger, AppendingCSVLogger):
                     logger.drop_rows_from(resumed_from["global_step"])
         except KeyboardInterrupt:  # Ctrl-C or kill before training: nothing worth keeping yet
-            name = stop.signal.name if stop.signal else "SIGINT"
-            line = f"crate-train: interrupted ({name}) before training; nothing was trained"
+            line = f"crate-train: interrupted ({stop.name}) before training; nothing was trained"
             folder.close(line, trained=False)
             print(line, file=sys.stderr)
             sys.exit(stop.exit_code)
@@ -444,19 +443,19 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
 
 
 def _report(summary: Dict[str, Any], path: Path) -> None:
-
     metrics = summary["metrics"]
     shown = [k for k in ("val/acc1", "val/acc5") if k in metrics]
     shown = shown or [k for k in ("val/loss",) if k in metrics]
     values = ", ".join(f"{k} {metrics[k]:.4f}" for k in shown) or "no validation metrics"
     took = f"in {summary['wall_time_s']:.1f} s"
     resumed, total = summary.get("resumed_from"), summary.get("total_wall_time_s")
-    if resumed and total is not None:  # the time of every part, not only of the resumed one
+    if resumed:
         step, part = resumed["global_step"], summary["wall_time_s"]
-        took = f"in {total:.1f} s, {part:.1f} s of them in this run (resumed at step {step})"
-    elif resumed:
-        step, part = resumed["global_step"], summary["wall_time_s"]
-        took = f"(this run, resumed at step {step}, took {part:.1f} s)"
+        took = (  # the time of every part, not only of the resumed one
+            f"in {total:.1f} s, {part:.1f} s of them in this run (resumed at step {step})"
+            if total is not None
+            else f"(this run, resumed at step {step}, took {part:.1f} s)"
+        )
     # paths as they paste back after key= into a shell (quoted for Hydra when they need it)
     shown_path = summary["checkpoints"]["best"] or summary["checkpoints"]["last"]
     lines = [

@@ -147,42 +147,51 @@ def _architecture(state: Dict[str, Tensor]) -> tuple[str, int | None, int, int |
     return family, width, depth, patch
 
 
-def _describe(state: Dict[str, Tensor]) -> str:
-    family, width, depth, patch = _architecture(state)
+def named_config(name: str) -> Dict[str, Any]:
+    """The architecture a named model is built with: its size-table entry (``CRATE_CONFIGS``,
+    ``CRATE_MAE_CONFIGS``) over its constructor's defaults (e.g. a patch size the table leaves out)."""
+    table, builder = (CRATE_MAE_CONFIGS, CrateMAE) if name in CRATE_MAE_CONFIGS else (CRATE_CONFIGS, Crate)
+    defaults = {key: p.default for key, p in inspect.signature(builder).parameters.items()}
+    return {**defaults, **table[name]}
+
+
+def _describe(arch: tuple) -> str:
+    family, width, depth, patch = arch
     return f"{family} checkpoint of width {width}, depth {depth}" + (f", patch {patch}" if patch else "")
 
 
-def matching_models(state: Dict[str, Tensor]) -> List[str]:
-    """The named models (``MODEL_NAMES``) whose width, depth and patch size are the state dict's:
-    the size table (``CRATE_CONFIGS``, ``CRATE_MAE_CONFIGS``) over the constructors' defaults."""
+def _matching(arch: tuple) -> List[str]:
+    family, width, depth, patch = arch
+    table = CRATE_MAE_CONFIGS if family == "CRATE-MAE" else CRATE_CONFIGS
+    configs = {name: named_config(name) for name in table}
+    return [
+        name
+        for name, c in configs.items()
+        if (c["embed_dim"], c["depth"]) == (width, depth) and patch in (None, c["patch_size"])
+    ]
 
-    family, width, depth, patch = _architecture(state)
-    table, builder = (CRATE_MAE_CONFIGS, CrateMAE) if family == "CRATE-MAE" else (CRATE_CONFIGS, Crate)
-    defaults = {name: p.default for name, p in inspect.signature(builder).parameters.items()}
-    names = []
-    for name, config in table.items():
-        config = {**defaults, **config}
-        if (config["embed_dim"], config["depth"]) == (width, depth) and patch in (None, config["patch_size"]):
-            names.append(name)
-    return names
+
+def matching_models(state: Dict[str, Tensor]) -> List[str]:
+    """The named models (``MODEL_NAMES``) whose width, depth and patch size are the state dict's."""
+    return _matching(_architecture(state))
 
 
 def _fit_hint(model: nn.Module, state: Dict[str, Tensor], misshaped: bool) -> str:
     """Which model the checkpoint is for, where that is not ``model``: ``strict=False`` skips
     missing and unexpected keys only, so it cannot help a checkpoint of another size."""
-    description = _describe(state)
+    arch = _architecture(state)
+    family, width, depth, patch = arch
+    description = _describe(arch)
     own = ("CRATE-MAE" if isinstance(model, CrateMAE) else "CRATE", model.embed_dim, len(model.blocks))
-    patch = _architecture(state)[3]
-    if _architecture(state)[:3] == own and patch in (None, model.patch_embed.patch_size):
+    if arch[:3] == own and patch in (None, model.patch_embed.patch_size):
         skip = "" if misshaped else "; pass strict=False to skip the missing and unexpected keys"
         return f"It is a {description}, the model's own size{skip}"
-    names = matching_models(state)
+    names = _matching(arch)
     if names:
         return (
             f"It is a {description}, which is {' or '.join(names)}: build that model "
             f"(create_model({names[0]!r}); on the command line model={names[0]})"
         )
-    family, width, depth, patch = _architecture(state)
     return (
         f"It is a {description}, which none of the named models (MODEL_NAMES) is: build one of "
         f"that size (on the command line model.embed_dim={width} model.depth={depth}"

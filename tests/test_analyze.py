@@ -181,7 +181,7 @@ def test_a_checkpoint_brings_its_data_settings():
     from omegaconf import OmegaConf
 
     from crate_lit.analyze import inherit_data_settings
-    from crate_lit.train import config_dir
+    from crate_lit.runs import config_dir
 
     cfg = OmegaConf.create({"data": OmegaConf.load(Path(config_dir()) / "data" / "shapes.yaml")})
     cfg2 = cfg.copy()

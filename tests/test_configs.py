@@ -142,7 +142,7 @@ def _composed(*overrides: str):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the warning is for machines without a GPU")
 def test_16_bit_precision_on_the_cpu_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
-    from crate_lit.train import validate
+    from crate_lit.validation import validate
 
     for precision, warned in (("bf16-mixed", True), ("16-mixed", True), ("32-true", False)):
         caplog.clear()
@@ -166,7 +166,7 @@ def test_crate_analyze_and_crate_bench_check_their_command_lines(tmp_path: Path)
 
 @pytest.mark.parametrize("ratio", ["1.5", "1.0", "-0.1", "half"])
 def test_a_mask_ratio_outside_0_to_1_stops_before_anything_is_built(ratio: str) -> None:
-    from crate_lit.train import ConfigError, validate
+    from crate_lit.validation import ConfigError, validate
 
     cfg = _composed("task=mae", "model=mae_crate_micro", "data.image_size=32", f"mask_ratio={ratio}")
     with pytest.raises(ConfigError, match=r"mask_ratio must be a number in \[0, 1\)"):

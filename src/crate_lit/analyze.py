@@ -27,14 +27,15 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from . import whitebox
-from .configs import run_command
+from .building import build_datamodule
+from .configs import run_command, to_container
 from .data import DATAMODULES
 from .models import CrateMAE, CrateMAEClassifier, load_pretrained
 from .models.factory import _unwrap as state_dict_of
 from .models.factory import matching_models
-from .modules import build_classifier, build_model, to_container
-from .runs import read_checkpoint
-from .train import USER_ERRORS, ConfigError, build_datamodule, config_dir
+from .modules import build_classifier, build_model
+from .runs import config_dir, read_checkpoint
+from .validation import USER_ERRORS, ConfigError, error_line
 
 log = logging.getLogger("crate_lit.analyze")
 
@@ -358,7 +359,7 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
         model = load_model(model_cfg, classifier, raw, int(cfg.data.image_size))
         datamodule = build_datamodule(cfg)
     except USER_ERRORS as err:
-        raise ConfigError(str(err).strip().splitlines()[0]) from None
+        raise ConfigError(error_line(err)) from None
     for note in notes:
         print(f"note: {note}")
     # Lightning's epoch (0-based, as in the checkpoint's file name); released files have none

@@ -24,6 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 __all__ = [
     "CommandLineError",
     "check_command_line",
+    "to_container",
     "group_options",
     "run_command",
     "usage",
@@ -242,3 +243,12 @@ def run_command(
         print(f"{program}: error: {err}", file=sys.stderr)
         sys.exit(2)
     hydra_main()
+
+
+def to_container(cfg: Optional[Any]) -> Dict[str, Any]:
+    """An OmegaConf node (or mapping) as a plain dict with interpolations resolved."""
+    if cfg is None:
+        return {}
+    if OmegaConf.is_config(cfg):
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    return dict(cfg)

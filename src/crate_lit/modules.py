@@ -112,7 +112,7 @@ class CrateClassifier(ScheduledModule):
     ) -> None:
         super().__init__()
         # plain containers only, so checkpoints load under torch.load(weights_only=True)
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)
         self.model = build_classifier(model)
         num_classes = self.model.num_classes
         if linear_probe:
@@ -177,7 +177,7 @@ class CrateMAEPretrainer(ScheduledModule):
         num_reconstructions: int = 8,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)
         self.model = build_model(model)
         # the released model keeps an unused Linear; frozen so DDP finds no unused gradients
         self.model.decoder_embed.requires_grad_(False)
@@ -242,14 +242,3 @@ class CrateMAEPretrainer(ScheduledModule):
         base_lr = args.pop("lr")
         args["lr"] = base_lr * self.hparams.global_batch_size / 256
         return self.optimizers_with_schedule(args)
-
-
-def to_container(cfg: Optional[Any]) -> Dict[str, Any]:
-    """An OmegaConf node (or mapping) as a plain dict with interpolations resolved."""
-    from omegaconf import OmegaConf
-
-    if cfg is None:
-        return {}
-    if OmegaConf.is_config(cfg):
-        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    return dict(cfg)

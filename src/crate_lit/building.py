@@ -1,0 +1,74 @@
+"""The run's parts from its config: the data module, the Lightning module, the callbacks and
+loggers, and the Trainer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, List
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from .callbacks import EMA
+from .configs import to_container
+from .data import DATAMODULES
+from .modules import CrateClassifier, CrateMAEPretrainer
+from .runs import AtomicCheckpointIO, RunClock
+from .validation import ConfigError, per_device_batch_size
+
+
+def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
+    args = to_container(cfg.data)
+    name = args.pop("name")
+    args["batch_size"] = per_device_batch_size(cfg)
+    if cfg.get("task") == "mae" and getattr(DATAMODULES.get(name), "takes_classes_as_found", False):
+        args["num_classes"] = None  # pre-training uses no labels: any number of class folders will do
+    try:
+        return DATAMODULES[name](**args)
+    except TypeError as err:
+        raise ConfigError(f"data={name}: {err}") from None
+
+
+def build_module(cfg: DictConfig) -> L.LightningModule:
+    """The LightningModule of ``cfg.task``."""
+    common = {
+        "model": to_container(cfg.model),
+        "optimizer": to_container(cfg.optimizer),
+        "scheduler": to_container(cfg.scheduler),
+    }
+    if cfg.task == "mae":
+        return CrateMAEPretrainer(
+            **common,
+            mask_ratio=float(cfg.mask_ratio),
+            global_batch_size=int(cfg.data.batch_size),
+            num_reconstructions=int(cfg.get("num_reconstructions", 8)),
+        )
+    return CrateClassifier(
+        **common, label_smoothing=float(cfg.label_smoothing), linear_probe=cfg.task == "linear_probe"
+    )
+
+
+def instantiate_group(group: Any) -> List[Any]:
+    return [instantiate(node) for node in (group or {}).values() if node is not None]
+
+
+def build_callbacks(cfg: DictConfig, clock: RunClock, loggers: List[Any]) -> List[Any]:
+    """The ``callbacks`` group, then the run clock."""
+    callbacks = instantiate_group(cfg.get("callbacks"))
+    if cfg.get("ema_decay") is not None:
+        callbacks.append(EMA(cfg.ema_decay))
+    callbacks.append(clock)
+    if not loggers:  # logger=none: nothing would receive the learning rate
+        callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.LearningRateMonitor)]
+    return callbacks
+
+
+def build_trainer(cfg: DictConfig, output_dir: Path, callbacks: List[Any], loggers: List[Any]) -> L.Trainer:
+    return L.Trainer(
+        **to_container(cfg.trainer),
+        default_root_dir=str(output_dir),
+        callbacks=callbacks,
+        logger=loggers or False,
+        plugins=[AtomicCheckpointIO()],
+    )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
+from commands import one_line_error, run_command
 from crate_lit.models import create_model, to_released_state_dict
-from test_cli import one_line_error
 
 BIN = Path(sys.executable).parent
 # a k-NN analysis small enough for a test: 64 training images as the memory, 32 queries
@@ -30,9 +29,7 @@ KNN = (
 
 
 def run(tool: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(BIN / tool), *args], cwd=cwd, capture_output=True, text=True, timeout=600, env=dict(os.environ)
-    )
+    return run_command(tool, *args, cwd=cwd)
 
 
 def _check_report(out: Path, depth: int) -> dict:

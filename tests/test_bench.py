@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from commands import one_line_error, run_command
 from crate_lit import bench
-from test_cli import one_line_error
 
 BIN = Path(sys.executable).parent
 
@@ -58,10 +57,7 @@ def test_cuda_without_a_gpu_is_a_one_line_error(capsys, monkeypatch, tmp_path, a
 
 
 def test_the_installed_command_reports_a_typo_in_one_line(tmp_path):
-    proc = subprocess.run(
-        [str(BIN / "crate-bench"), "--model", "crate_smal", "--img-size", "32"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    proc = run_command("crate-bench", "--model", "crate_smal", "--img-size", "32", cwd=tmp_path)
     assert "did you mean 'crate_small'?" in one_line_error(proc, command="crate-bench")
     assert len(proc.stderr.strip().splitlines()) == 1
 

@@ -14,52 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from commands import BIN, QUICK, REPO, crate_train, metric_rows, one_line_error, summary_of  # noqa: F401
 from crate_lit.models import create_model, load_pretrained
-from test_folders import cifar10_root, cifar100_root, imagenet_root  # noqa: F401  (fixtures)
-
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-# a few optimizer steps on a tiny model and split: seconds, not minutes
-QUICK = [
-    "model=crate_micro",
-    "data.image_size=32",  # the demo's 48 px is 2.2 times the tokens; the tests need no more
-    "data.train_size=64",
-    "data.val_size=32",
-    "data.batch_size=16",
-    "trainer.max_epochs=2",
-    "trainer.enable_progress_bar=false",
-    "trainer.log_every_n_steps=1",
-]
-
-
-def crate_train(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(BIN / "crate-train"), *args],
-        cwd=cwd,
-        env={**os.environ, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-
-def summary_of(run_dir: Path) -> dict:
-    return json.loads((run_dir / "summary.json").read_text())
-
-
-def metric_rows(run_dir: Path) -> list[dict]:
-    """metrics.csv without its timing column."""
-    with open(run_dir / "metrics.csv", newline="") as handle:
-        return [{k: v for k, v in row.items() if k != "whitebox/seconds"} for row in csv.DictReader(handle)]
-
-
-def one_line_error(proc, command: str = "crate-train") -> str:
-    """The last stderr line of a command that stopped at a user error (exit 2, no traceback)."""
-    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert lines[-1].startswith(f"{command}: error: ")
-    return lines[-1]
 
 
 @pytest.mark.slow

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import subprocess
 from pathlib import Path
 
 import lightning as L
@@ -12,8 +11,8 @@ import pytest
 import torch
 import yaml
 
+from commands import REPO, crate_train, metric_rows, one_line_error, run_command, summary_of
 from crate_lit.configs import CommandLineError, check_command_line, group_options, usage
-from test_cli import BIN, REPO, crate_train, metric_rows, one_line_error, summary_of
 
 CONF = REPO / "conf"
 
@@ -152,15 +151,11 @@ def test_16_bit_precision_on_the_cpu_is_warned_about(caplog: pytest.LogCaptureFi
 
 
 def test_crate_analyze_and_crate_bench_check_their_command_lines(tmp_path: Path) -> None:
-    analyze = str(BIN / "crate-analyze")
-    proc = subprocess.run([analyze, "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    proc = run_command("crate-analyze", "--help", cwd=tmp_path)
     assert proc.returncode == 0 and proc.stdout.startswith("usage: crate-analyze"), proc.stderr[-2000:]
-    proc = subprocess.run(
-        [analyze, "ckpt_path=x.ckpt", "knn_kk=5"], cwd=tmp_path, capture_output=True, text=True
-    )
+    proc = run_command("crate-analyze", "ckpt_path=x.ckpt", "knn_kk=5", cwd=tmp_path)
     assert "did you mean knn_k?" in one_line_error(proc, command="crate-analyze")
-    bench = [str(BIN / "crate-bench"), "--data", "data.batch_sise=8"]
-    proc = subprocess.run(bench, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    proc = run_command("crate-bench", "--data", "data.batch_sise=8", cwd=tmp_path)
     assert "did you mean data.batch_size?" in one_line_error(proc, command="crate-bench")
 
 
@@ -172,3 +167,86 @@ def test_a_mask_ratio_outside_0_to_1_stops_before_anything_is_built(ratio: str) 
     with pytest.raises(ConfigError, match=r"mask_ratio must be a number in \[0, 1\)"):
         validate(cfg)
     validate(_composed("task=mae", "model=mae_crate_micro", "data.image_size=32", "mask_ratio=0.0"))
+
+
+def test_every_model_config_builds_the_architecture_of_its_size_table_entry() -> None:
+    """The sizes are written in the models' table (CRATE_CONFIGS, CRATE_MAE_CONFIGS) and in one
+    yaml per model: the two must name the same models and the same architecture, and the shared
+    yaml's defaults (global_pool, norm_pix_loss, ...) must be the constructors' own."""
+    from crate_lit.models.factory import CRATE_CONFIGS, CRATE_MAE_CONFIGS, named_config
+
+    from_data = {"img_size", "num_classes"}  # the data config's, not the model's
+    names = sorted(group_options("model"))
+    assert names == sorted([*CRATE_CONFIGS, *CRATE_MAE_CONFIGS])
+    for name in names:
+        model = dict(_composed(f"model={name}").model)
+        assert model.pop("name") == name
+        assert model.pop("pretrained") is None
+        expected = named_config(name)
+        for key, value in model.items():
+            if key not in from_data:
+                assert key in expected, f"conf/model/{name}.yaml: {key} is no argument of the model"
+                assert value == expected[key], (
+                    f"conf/model/{name}.yaml: {key}={value}, the table: {expected[key]}"
+                )
+        for key, value in CRATE_CONFIGS.get(name, CRATE_MAE_CONFIGS.get(name, {})).items():
+            if key not in from_data:
+                assert model.get(key) == value, f"conf/model/{name}.yaml lacks {key}={value} of the table"
+
+
+# constructor defaults that stand for a yaml value rather than repeat it
+_DEFAULTS_NOT_REPEATING_THE_CONFIG = {
+    ("cifar10", "num_classes"): "None: the variant's class count (10 for cifar10, 100 for variant=cifar100)",
+}
+
+
+def _data_config(name: str) -> tuple[dict, set]:
+    """conf/data/<name>.yaml with the configs its defaults list builds on merged in (the file's
+    own keys last, as Hydra places _self_), and the keys the file sets over them."""
+    own = yaml.safe_load((CONF / "data" / f"{name}.yaml").read_text())
+    merged: dict = {}
+    for base in own.pop("defaults", []):
+        merged |= _data_config(base)[0]
+    return merged | own, set(own) if merged else set()
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (CONF / "data").glob("*.yaml")))
+def test_the_data_modules_defaults_are_the_shipped_configs(name: str) -> None:
+    """Python defaults equal conf/data/<name>.yaml, for every key that is a constructor argument
+    (interpolated values such as ${paths.data_dir} excepted). A config built on another (cifar100
+    on cifar10) differs from it in the keys it sets itself: those are the variant, not defaults."""
+    from crate_lit.data import DATAMODULES
+
+    cfg, variant_keys = _data_config(name)
+    parameters = inspect.signature(DATAMODULES[cfg["name"]]).parameters
+    checked, differ = [], []
+    for key, value in cfg.items():
+        param = parameters.get(key)
+        if param is None or param.default is param.empty or key in variant_keys:
+            continue
+        if (isinstance(value, str) and "${" in value) or (name, key) in _DEFAULTS_NOT_REPEATING_THE_CONFIG:
+            continue
+        default = list(param.default) if isinstance(param.default, tuple) else param.default
+        checked.append(key)
+        if default != value:
+            differ.append(f"{key}: {param.default!r} in Python, {value!r} in the yaml")
+    assert not differ, f"{DATAMODULES[cfg['name']].__name__} against conf/data/{name}.yaml: {differ}"
+    assert checked  # the config was read
+
+
+def test_ema_decay_drives_the_ema_entry_of_the_callbacks_group(tmp_path: Path) -> None:
+    """ema_decay=null: no EMA callback, the others as they are; ema_decay=0.9: one more, the EMA."""
+    from crate_lit.building import instantiate_group
+    from crate_lit.callbacks import EMA
+
+    def callbacks(*overrides: str) -> list:
+        return instantiate_group(_composed(f"paths.output_dir={tmp_path}", *overrides).callbacks)
+
+    off, on = callbacks(), callbacks("ema_decay=0.9")
+    assert not [c for c in off if isinstance(c, EMA)]
+    (ema,) = [c for c in on if isinstance(c, EMA)]
+    # after the callbacks that were there before, where crate-train used to add it; before the
+    # MAE figure, which draws the trained weights (as when the module drew it)
+    names = [type(c).__name__ for c in on]
+    assert ema.decay == 0.9 and names[-2:] == ["EMA", "ReconstructionFigures"], names
+    assert [type(c) for c in on if c is not ema] == [type(c) for c in off]

@@ -15,18 +15,22 @@ import pytest
 import torch
 from PIL import Image
 
-from crate_lit.data.datamodules import DataError
-from crate_lit.data.folders import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    TRAIN_TRANSFORMS,
-    CIFARDataModule,
-    ImageNetDataModule,
+from crate_lit.data.cifar import CIFARDataModule
+from crate_lit.data.imagenet import TRAIN_TRANSFORMS, ImageNetDataModule
+from crate_lit.data.loading import IMAGENET_MEAN, IMAGENET_STD, DataError
+from formats import (
+    COLORS,
+    LOADER,
+    PIXEL_RGB,
+    PIXEL_ROW,
+    PIXEL_X,
+    PIXEL_Y,
+    WNIDS,
+    add_truncated,
+    cifar_rows,
+    dump_pickle,
+    noise,
 )
-
-WNIDS = ["n01440764", "n01443537", "n01484850"]  # sorted: labels 0, 1, 2
-COLORS = [(230, 20, 20), (20, 230, 20), (20, 20, 230)]  # one solid colour per class in val
-LOADER = {"num_workers": 0, "pin_memory": False, "persistent_workers": False}
 
 
 def _unnormalize(x: torch.Tensor) -> torch.Tensor:
@@ -50,40 +54,6 @@ def _train_batches(dm) -> list:
         assert x.dtype == torch.uint8 and keys.dtype == torch.int64 and keys.shape == y.shape
         batches.append((dm.train_batch(x, keys), y))
     return batches
-
-
-def _noise(size: tuple[int, int], seed: int) -> Image.Image:
-    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    return Image.fromarray(pixels, "RGB")
-
-
-@pytest.fixture
-def imagenet_root(tmp_path: Path) -> Path:
-    """3 classes in train and val; odd sizes, JPEG/PNG, a grayscale and a CMYK JPEG, a stray text file."""
-    root = tmp_path / "imagenet"
-    train = [root / "train" / w for w in WNIDS]
-    val = [root / "val" / w for w in WNIDS]
-    for d in train + val:
-        d.mkdir(parents=True)
-    _noise((37, 53), 0).save(train[0] / "a.JPEG")
-    _noise((300, 20), 1).save(train[0] / "b.png")
-    Image.new("L", (40, 41), 128).save(train[1] / "gray.jpg")
-    Image.new("CMYK", (45, 33), (0, 255, 255, 0)).save(train[1] / "cmyk.jpeg")
-    _noise((64, 64), 2).save(train[2] / "c.PNG")
-    _noise((20, 90), 3).save(train[2] / "d.jpg")
-    (train[2] / "notes.txt").write_text("not an image")
-    for i, (d, color) in enumerate(zip(val, COLORS, strict=True)):
-        Image.new("RGB", (50 + i, 47), color).save(d / f"v{i}.JPEG", quality=95)
-        Image.new("RGB", (33, 70), color).save(d / f"w{i}.png")
-    return root
-
-
-def _add_truncated(root: Path) -> Path:
-    path = root / "train" / WNIDS[2] / "truncated.jpg"
-    _noise((64, 48), 4).save(path)
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-    return path
 
 
 def _imagenet(root: Path, **kwargs) -> ImageNetDataModule:
@@ -150,7 +120,7 @@ def test_grayscale_and_cmyk_become_rgb(imagenet_root: Path) -> None:
 
 
 def test_truncated_image_error_names_the_file(imagenet_root: Path) -> None:
-    bad = _add_truncated(imagenet_root)
+    bad = add_truncated(imagenet_root)
     dm = _imagenet(imagenet_root, batch_size=1)  # nothing dropped: the bad file is always reached
     with pytest.raises(DataError, match=bad.name) as info:
         for _ in dm.train_dataloader():
@@ -159,10 +129,10 @@ def test_truncated_image_error_names_the_file(imagenet_root: Path) -> None:
 
 
 def test_skip_corrupt_passes_and_counts(imagenet_root: Path, caplog: pytest.LogCaptureFixture) -> None:
-    bad = _add_truncated(imagenet_root)
+    bad = add_truncated(imagenet_root)
     dm = _imagenet(imagenet_root, skip_corrupt=True, batch_size=1)
     assert len(dm.train_set) == 7
-    with caplog.at_level(logging.WARNING, logger="crate_lit.data.folders"):
+    with caplog.at_level(logging.WARNING, logger="crate_lit.data.imagenet"):
         labels = [int(y) for _, y, _ in dm.train_dataloader()]
     assert len(labels) == 7  # the bad index is served by the next readable image
     assert dm.skip_count == 1
@@ -172,7 +142,7 @@ def test_skip_corrupt_passes_and_counts(imagenet_root: Path, caplog: pytest.LogC
 
 def test_flat_val_folder(imagenet_root: Path) -> None:
     for i in range(4):
-        _noise((30, 30), i).save(imagenet_root / "val" / f"ILSVRC2012_val_{i:08d}.JPEG")
+        noise((30, 30), i).save(imagenet_root / "val" / f"ILSVRC2012_val_{i:08d}.JPEG")
     with pytest.raises(ValueError, match="holds 4 images directly") as info:
         ImageNetDataModule(str(imagenet_root), num_classes=3)
     assert "class folders" in str(info.value) and "Preparing ImageNet" in str(info.value)
@@ -205,45 +175,6 @@ def test_val_classes_not_in_train(imagenet_root: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # CIFAR
 
-PIXEL_ROW, PIXEL_Y, PIXEL_X, PIXEL_RGB = 2, 5, 11, (200, 10, 99)
-
-
-def _dump(path: Path, obj: object) -> None:
-    with open(path, "wb") as f:
-        pickle.dump(obj, f, protocol=2)  # like the original python-2 era files
-
-
-def _rows(n: int, seed: int) -> np.ndarray:
-    data = np.random.default_rng(seed).integers(0, 256, (n, 3072), dtype=np.uint8)
-    for channel, value in enumerate(PIXEL_RGB if n > PIXEL_ROW else ()):
-        data[PIXEL_ROW, channel * 1024 + PIXEL_Y * 32 + PIXEL_X] = value
-    return data
-
-
-@pytest.fixture
-def cifar10_root(tmp_path: Path) -> Path:
-    folder = tmp_path / "cifar-10-batches-py"
-    folder.mkdir()
-    _dump(
-        folder / "data_batch_1", {"batch_label": "b1", "data": _rows(7, 0), "labels": [0, 1, 2, 3, 4, 5, 6]}
-    )
-    _dump(folder / "data_batch_2", {"batch_label": "b2", "data": _rows(3, 1), "labels": [9, 8, 7]})
-    _dump(folder / "test_batch", {"batch_label": "t", "data": _rows(5, 2), "labels": [3, 1, 4, 1, 5]})
-    _dump(folder / "batches.meta", {"label_names": [f"class{i}" for i in range(10)], "num_vis": 3072})
-    return tmp_path
-
-
-@pytest.fixture
-def cifar100_root(tmp_path: Path) -> Path:
-    folder = tmp_path / "cifar-100-python"
-    folder.mkdir()
-    _dump(
-        folder / "train", {"data": _rows(6, 3), "fine_labels": [99, 50, 0, 1, 2, 3], "coarse_labels": [0] * 6}
-    )
-    _dump(folder / "test", {"data": _rows(4, 4), "fine_labels": [10, 20, 30, 40], "coarse_labels": [1] * 4})
-    _dump(folder / "meta", {"fine_label_names": [f"f{i}" for i in range(100)], "coarse_label_names": []})
-    return tmp_path
-
 
 def _cifar(root: Path, **kwargs) -> CIFARDataModule:
     dm = CIFARDataModule(str(root), **({"image_size": 32, "batch_size": 4} | LOADER | kwargs))
@@ -260,7 +191,7 @@ def test_cifar10_channel_major_decoding(cifar10_root: Path) -> None:
         x = dm.eval_batch(dataset[PIXEL_ROW][0][None])[0]
         assert x.shape == (3, 32, 32) and x.dtype == torch.float32
         assert torch.allclose(_unnormalize(x)[:, PIXEL_Y, PIXEL_X], expected, atol=1e-5)
-    rows = _rows(5, 2).reshape(5, 3, 32, 32)
+    rows = cifar_rows(5, 2).reshape(5, 3, 32, 32)
     assert torch.equal(dm.val_set.images, torch.from_numpy(rows))
 
 
@@ -297,10 +228,10 @@ def test_cifar_subset_and_folder_as_root(cifar10_root: Path) -> None:
     "content, match",
     [
         (b"this is not a pickle at all", "not a CIFAR python batch"),
-        ({"data": _rows(2, 0)}, "labels"),
+        ({"data": cifar_rows(2, 0)}, "labels"),
         ({"data": np.zeros((2, 1024), np.uint8), "labels": [0, 1]}, "3072"),
-        ({"data": _rows(2, 0), "labels": [0, 10]}, "outside"),
-        ({"data": _rows(1, 0), "labels": [datetime.date(2020, 1, 1)]}, "unexpected object"),
+        ({"data": cifar_rows(2, 0), "labels": [0, 10]}, "outside"),
+        ({"data": cifar_rows(1, 0), "labels": [datetime.date(2020, 1, 1)]}, "unexpected object"),
     ],
 )
 def test_cifar_malformed_file_is_named(cifar10_root: Path, content: object, match: str) -> None:
@@ -308,7 +239,7 @@ def test_cifar_malformed_file_is_named(cifar10_root: Path, content: object, matc
     if isinstance(content, bytes):
         path.write_bytes(content)
     else:
-        _dump(path, content)
+        dump_pickle(path, content)
     dm = CIFARDataModule(str(cifar10_root), image_size=32, **LOADER)
     with pytest.raises(ValueError, match=match) as info:
         dm.setup("fit")
@@ -351,7 +282,7 @@ def test_cifar_batches_repickled_in_python3_with_bytes_keys(cifar10_root: Path) 
 def test_cifar_batch_without_labels_and_no_meta_names_the_keys(cifar10_root: Path) -> None:
     folder = cifar10_root / "cifar-10-batches-py"
     (folder / "batches.meta").unlink()
-    (folder / "test_batch").write_bytes(pickle.dumps({b"data": _rows(2, 0), b"filenames": [b"a.png"]}))
+    (folder / "test_batch").write_bytes(pickle.dumps({b"data": cifar_rows(2, 0), b"filenames": [b"a.png"]}))
     dm = CIFARDataModule(str(cifar10_root), image_size=32, **LOADER)
     with pytest.raises(ValueError, match="lacks the key.s. labels") as info:
         dm.setup("fit")

@@ -287,7 +287,8 @@ def test_reconstruction_grid_shows_images_of_every_class(tmp_path):
     from omegaconf import OmegaConf
     from PIL import Image
 
-    from crate_lit.data.folders import ImageNetDataModule
+    from crate_lit.callbacks import ReconstructionFigures
+    from crate_lit.data.imagenet import ImageNetDataModule
     from crate_lit.modules import CrateMAEPretrainer
     from crate_lit.runs import config_dir
 
@@ -311,15 +312,42 @@ def test_reconstruction_grid_shows_images_of_every_class(tmp_path):
         optimizer=group("optimizer/adamw"),
         scheduler=group("scheduler/constant"),
         global_batch_size=4,
-        num_reconstructions=4,
     )
+    figures = ReconstructionFigures(num_images=4)
     trainer = L.Trainer(
-        max_epochs=1, limit_train_batches=1, limit_val_batches=1, num_sanity_val_steps=0,
+        max_epochs=1, limit_train_batches=1, limit_val_batches=1, num_sanity_val_steps=0, callbacks=[figures],
         accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path / "run"),
     )  # fmt: skip
     trainer.fit(module, datamodule=datamodule)
     # the first 4 validation images (and the only validation batch) are all of class 0
-    assert module._shown_labels == [0, 1, 2, 3]
+    assert figures.labels == [0, 1, 2, 3]
     with Image.open(tmp_path / "run" / "reconstructions" / "epoch000.png") as grid:
         assert grid.format == "PNG" and grid.size[1] > grid.size[0]  # 4 rows of 3
+
+
+def test_reconstruction_figures_draw_nothing_for_a_classifier(tmp_path):
+    """The callback runs for every task (callbacks=default): a classifier has nothing to
+    reconstruct, and the run folder gets no reconstructions/."""
+    import lightning as L
+
+    from crate_lit.callbacks import ReconstructionFigures
+    from crate_lit.data import DATAMODULES
+    from crate_lit.modules import CrateClassifier
+
+    datamodule = DATAMODULES["shapes"](
+        image_size=32, num_classes=3, batch_size=4, train_size=8, val_size=4, num_workers=0
+    )
+    module = CrateClassifier(
+        model={"name": "crate_micro", "img_size": 32, "num_classes": 3},
+        optimizer={"name": "adamw", "lr": 1e-3, "weight_decay": 0.0},
+        scheduler={"name": "constant", "warmup_epochs": 0},
+    )
+    figures = ReconstructionFigures(num_images=2)
+    trainer = L.Trainer(
+        max_epochs=1, limit_train_batches=1, limit_val_batches=1, num_sanity_val_steps=0, callbacks=[figures],
+        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path / "run"),
+    )  # fmt: skip
+    trainer.fit(module, datamodule=datamodule)
+    assert figures.labels == [] and not (tmp_path / "run" / "reconstructions").exists()

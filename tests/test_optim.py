@@ -10,11 +10,11 @@ import pytest
 import torch
 import yaml
 
+from commands import REPO
 from crate_lit.configs import CommandLineError, check_command_line
-from crate_lit.data.datamodules import ShapesDataModule
+from crate_lit.data.shapes import ShapesDataModule
 from crate_lit.modules import CrateClassifier
 from crate_lit.optim import SCHEDULES, build_optimizer, build_scheduler
-from test_cli import REPO
 
 PEAK = 1e-3
 # 64 training images in batches of 16: 4 batches per epoch

@@ -17,17 +17,18 @@ import torch.nn.functional as F
 from torchvision.transforms import v2 as T
 
 from crate_lit.callbacks import ThroughputLogger
-from crate_lit.data.datamodules import (
-    EpochSampler,
-    ShapesDataModule,
+from crate_lit.data.augment import (
     flip_and_translate,
     key_uniform,
     random_erasing,
     random_resized_crop_boxes,
     resized_crops,
 )
-from crate_lit.data.folders import CIFARDataModule, ImageNetDataModule
-from test_folders import LOADER, cifar10_root, imagenet_root  # noqa: F401  (fixtures)
+from crate_lit.data.cifar import CIFARDataModule
+from crate_lit.data.imagenet import ImageNetDataModule
+from crate_lit.data.loading import EpochSampler
+from crate_lit.data.shapes import ShapesDataModule
+from formats import LOADER
 
 SHAPES = {"image_size": 32, "train_size": 48, "val_size": 16, "batch_size": 8} | LOADER
 
@@ -154,7 +155,7 @@ def test_augmentation_is_the_same_for_any_worker_count_and_ddp_rank(kind, reques
     assert {x.sum().item() for x in one.values()} != evaluation
 
 
-def test_the_device_step_normalises_with_the_modules_own_statistics(imagenet_root) -> None:  # noqa: F811
+def test_the_device_step_normalises_with_the_modules_own_statistics(imagenet_root) -> None:
     dm = ImageNetDataModule(
         str(imagenet_root), image_size=32, eval_resize=36, num_classes=3, batch_size=2, **LOADER
     )
@@ -258,7 +259,7 @@ def test_throughput_logger_tells_a_data_bound_run_from_a_model_bound_one(
     assert rate == pytest.approx(8 / (8 * data_delay + step_delay), rel=0.5)
 
 
-def test_crate_bench_data_measures_each_loader_on_the_same_files(imagenet_root) -> None:  # noqa: F811
+def test_crate_bench_data_measures_each_loader_on_the_same_files(imagenet_root) -> None:
     from crate_lit.bench import bench_data
 
     overrides = [

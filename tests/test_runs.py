@@ -22,12 +22,12 @@ import torch
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from PIL import Image
 
+from commands import BIN, QUICK, crate_train, metric_rows, one_line_error, summary_of
 from crate_lit.data import ImageNetDataModule
 from crate_lit.loggers import AppendingCSVLogger
 from crate_lit.models import CheckpointMismatchError, create_model, load_pretrained, to_released_state_dict
 from crate_lit.models.factory import matching_models
 from crate_lit.runs import atomic_write, claim_fresh_folder, pasteable
-from test_cli import BIN, QUICK, crate_train, metric_rows, one_line_error, summary_of
 
 MICRO = [arg for arg in QUICK if not arg.startswith("trainer.max_epochs")]
 # kills the run like a `kill -9` (no clean-up, no final checkpoint) at CRASH_EPOCH, CRASH_BATCH

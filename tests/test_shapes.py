@@ -7,12 +7,12 @@ import pytest
 import torch
 
 import crate_lit.data.shapes as shapes
-from crate_lit.data.datamodules import ShapesDataModule
 from crate_lit.data.shapes import (
     CLASS_NAMES,
     DEFAULT_SCALE,
     GENERATOR_VERSION,
     SPLIT_IDS,
+    ShapesDataModule,
     ShapesDataset,
     _draw_words,
     _Poses,

@@ -4,36 +4,33 @@ by the real command, read back like the folders, trained on in one process and o
 from __future__ import annotations
 
 import json
-import subprocess
 import tarfile
 from pathlib import Path
 
 import pytest
 import torch
 
-from crate_lit.data.datamodules import DataError
-from crate_lit.data.folders import ImageNetDataModule, ImageNetShardsDataModule
+from commands import QUICK, crate_train, one_line_error, run_command, summary_of
+from crate_lit.data.imagenet import ImageNetDataModule, ImageNetShardsDataModule
+from crate_lit.data.loading import DataError
 from crate_lit.data.shards import pack_folders
-from test_cli import QUICK, crate_train, one_line_error, summary_of
-from test_folders import LOADER, imagenet_root  # noqa: F401  (fixture)
+from formats import LOADER
 
 ARGS = {"image_size": 32, "eval_resize": 36, "num_classes": 3, "batch_size": 2} | LOADER
 
 
 @pytest.fixture
-def packed(imagenet_root: Path, tmp_path: Path) -> Path:  # noqa: F811
+def packed(imagenet_root: Path, tmp_path: Path) -> Path:
     out = tmp_path / "shards"
     pack_folders(imagenet_root, out, shard_bytes=4096)  # small shards: several per split
     return out
 
 
-def test_crate_pack_writes_webdataset_shards_that_tar_reads(imagenet_root: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_crate_pack_writes_webdataset_shards_that_tar_reads(imagenet_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "shards"
-    proc = subprocess.run(
-        [str(Path(__file__).parents[1] / ".venv/bin/crate-pack"), f"data.root={imagenet_root}", f"out={out}",
-         "shard_mib=0.004"],
-        capture_output=True, text=True, cwd=tmp_path,
-    )  # fmt: skip
+    proc = run_command(
+        "crate-pack", f"data.root={imagenet_root}", f"out={out}", "shard_mib=0.004", cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     manifest = json.loads((out / "shards.json").read_text())
     assert manifest["classes"] == sorted(p.name for p in (imagenet_root / "train").iterdir())
@@ -56,15 +53,12 @@ def test_crate_pack_writes_webdataset_shards_that_tar_reads(imagenet_root: Path,
     assert seen == 6
     # packing into a folder that holds shards is refused, and the shards stay as they were
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    again = subprocess.run(
-        [str(Path(__file__).parents[1] / ".venv/bin/crate-pack"), f"data.root={imagenet_root}", f"out={out}"],
-        capture_output=True, text=True, cwd=tmp_path,
-    )  # fmt: skip
+    again = run_command("crate-pack", f"data.root={imagenet_root}", f"out={out}", cwd=tmp_path)
     assert again.returncode == 2 and "already holds packed shards" in one_line_error(again, "crate-pack")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
-def test_shards_give_the_batches_the_folders_give(imagenet_root: Path, packed: Path) -> None:  # noqa: F811
+def test_shards_give_the_batches_the_folders_give(imagenet_root: Path, packed: Path) -> None:
     """Same images, order, labels and random crops: the shards replace the folders sample for sample."""
     folders = ImageNetDataModule(str(imagenet_root), **ARGS)
     shards = ImageNetShardsDataModule(str(packed), **ARGS)
@@ -77,7 +71,7 @@ def test_shards_give_the_batches_the_folders_give(imagenet_root: Path, packed: P
         assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
-def test_an_incomplete_or_missing_shard_is_named(imagenet_root: Path, packed: Path) -> None:  # noqa: F811
+def test_an_incomplete_or_missing_shard_is_named(imagenet_root: Path, packed: Path) -> None:
     manifest = json.loads((packed / "shards.json").read_text())
     shard = packed / manifest["splits"]["train"]["shards"][1]["file"]
     data = shard.read_bytes()
@@ -91,7 +85,7 @@ def test_an_incomplete_or_missing_shard_is_named(imagenet_root: Path, packed: Pa
         ImageNetShardsDataModule(str(imagenet_root), **ARGS)
 
 
-def test_a_corrupt_image_inside_a_shard_names_shard_and_key(imagenet_root: Path, packed: Path) -> None:  # noqa: F811
+def test_a_corrupt_image_inside_a_shard_names_shard_and_key(imagenet_root: Path, packed: Path) -> None:
     dm = ImageNetShardsDataModule(str(packed), **ARGS)
     dm.setup("fit")
     shard_id, offset, size, _ = (int(v) for v in dm.train_set.samples.table[0])

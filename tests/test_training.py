@@ -11,9 +11,9 @@ import pytest
 import torch
 from wandb.proto import wandb_internal_pb2
 
+from commands import QUICK, crate_train, metric_rows, one_line_error, summary_of
 from crate_lit.models import create_model, to_released_state_dict
-from test_cli import QUICK, crate_train, metric_rows, one_line_error, summary_of
-from test_folders import _add_truncated, cifar10_root, imagenet_root  # noqa: F401  (fixtures)
+from formats import add_truncated
 
 pytestmark = pytest.mark.slow
 
@@ -321,7 +321,7 @@ def test_impossible_combinations_fail_at_start(tmp_path, args, expected):
 
 def test_broken_files_found_while_training_are_one_line_errors(tmp_path, request):
     images, batches = map(request.getfixturevalue, ("imagenet_root", "cifar10_root"))
-    bad = _add_truncated(images)
+    bad = add_truncated(images)
     data = ["data.image_size=32", "data.batch_size=1", "data.num_workers=1", "model=crate_micro"]
     line = one_line_error(
         crate_train("data=imagenet", f"data.root={images}", *data, *IMAGENET_FIXTURE, cwd=tmp_path)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from . import whitebox
+from . import figures, measures
 from .building import build_datamodule
 from .configs import run_command, to_container
 from .data import DATAMODULES
@@ -61,12 +61,18 @@ def _given_on_command_line() -> set:
     return {o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
 
 
+# data settings that older checkpoints do not save, with the value their runs used (the data
+# module's default of the time, since changed to the shipped config's)
+_BEFORE_SAVED = {"shapes": {"shape_scale": (0.5, 0.9)}}
+
+
 def inherit_data_settings(cfg: DictConfig, raw: Any) -> List[str]:
     """Analyse the images the model was trained for: a crate-lit checkpoint's data settings
     (image size, classes, shape scale...) replace the data config's, except those given on the
-    command line and the loader settings. A setting the checkpoint predates takes the data
-    module's default, which is what its run used. Applies only when the checkpoint's data module
-    takes arguments of ``data=``'s (e.g. a shapes run analysed with ``data=shapes``).
+    command line and the loader settings. A setting the checkpoint predates takes the value its
+    run used: the data module's default, or ``_BEFORE_SAVED``'s where that default has changed.
+    Applies only when the checkpoint's data module takes arguments of ``data=``'s (e.g. a shapes
+    run analysed with ``data=shapes``).
     Returns the keys taken from the checkpoint."""
     saved = raw.get("datamodule_hyper_parameters") if isinstance(raw, dict) else None
     if not saved or not set(saved) <= set(cfg.data) - {"name"}:
@@ -76,6 +82,7 @@ def inherit_data_settings(cfg: DictConfig, raw: Any) -> List[str]:
         for name, param in inspect.signature(DATAMODULES[cfg.data.name]).parameters.items():
             if name in cfg.data and param.default is not param.empty:
                 settings[name] = param.default
+        settings.update(_BEFORE_SAVED.get(cfg.data.name, {}))
     settings.update(saved)
     given = _given_on_command_line()
     taken = [k for k in settings if k not in _LOADER_KEYS and f"data.{k}" not in given]
@@ -205,12 +212,12 @@ def analyze_whitebox(
     mae_outputs = None
     for images, _, masks in _batches(cfg, datamodule):
         trace = model.trace(images, mask_ratio=cfg.mask_ratio) if is_mae else model.trace(images)
-        batch_rates, batch_zeros = whitebox.layer_measures(trace)
+        batch_rates, batch_zeros = measures.layer_measures(trace)
         rates.append(batch_rates)
         zeros.append(batch_zeros)
         grid = trace.extras["grid_size"]
         # every layer's maps (layers, B, heads, gh, gw): the shapes report scores each layer
-        maps.append(torch.stack([whitebox.cls_attention_maps(t.attention, grid) for t in trace.layers]))
+        maps.append(torch.stack([measures.cls_attention_maps(t.attention, grid) for t in trace.layers]))
         if masks is not None:
             gt_masks.append(masks)
         if shown is None:  # the first batch
@@ -218,20 +225,20 @@ def analyze_whitebox(
             shown = images[: cfg.num_figure_images]
             if is_mae:
                 mae_outputs = (trace, images[: cfg.num_figure_images])
-    stats = whitebox.summarize_layers(torch.cat(rates, dim=1), torch.cat(zeros, dim=1))
+    stats = measures.summarize_layers(torch.cat(rates, dim=1), torch.cat(zeros, dim=1))
     with open(out / "layerwise.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(stats[0]))
         writer.writeheader()
         writer.writerows(stats)
-    whitebox.plot_layerwise(stats, out / "layerwise.png")
+    figures.plot_layerwise(stats, out / "layerwise.png")
     maps_by_layer = torch.cat(maps, dim=1)
     maps_all = maps_by_layer[layer_index]
     figure_maps = maps_all[: len(shown)]
     # the figure shows exactly the masks that are scored
-    figure_masks = whitebox.attention_masks(figure_maps, shown.shape[-2:], cfg.keep, cfg.upsample)
+    figure_masks = measures.attention_masks(figure_maps, shown.shape[-2:], cfg.keep, cfg.upsample)
     source = Path(str(cfg.ckpt_path)).name
-    whitebox.plot_attention_grid(
-        whitebox.denormalize(shown, datamodule),
+    figures.plot_attention_grid(
+        figures.denormalize(shown, datamodule),
         figure_maps,
         figure_masks,
         out / "attention.png",
@@ -250,7 +257,7 @@ def analyze_whitebox(
     if gt_masks:
         gt = torch.cat(gt_masks)
         # every layer with the same rule: shows where in depth the object emerges
-        scores = [whitebox.segmentation_scores(m, gt, cfg.keep, cfg.upsample) for m in maps_by_layer]
+        scores = [measures.segmentation_scores(m, gt, cfg.keep, cfg.upsample) for m in maps_by_layer]
         report["segmentation"] = dict(scores[layer_index])
         by_layer = [{"layer": i + 1, **{k: s[k] for k in _LAYER_KEYS}} for i, s in enumerate(scores)]
         report["segmentation"]["by_layer"] = by_layer
@@ -260,10 +267,10 @@ def analyze_whitebox(
         # the decoder's output at every patch, the visible ones too: how well it reproduces
         # what it saw is part of what it learnt (the training grid pastes them back instead)
         masked, output = model.reconstruction_images(images, trace.output[:n], trace.extras["mask"][:n])
-        whitebox.plot_reconstructions(
-            whitebox.denormalize(images, datamodule),
-            whitebox.denormalize(masked, datamodule),
-            whitebox.denormalize(output, datamodule),
+        figures.plot_reconstructions(
+            figures.denormalize(images, datamodule),
+            figures.denormalize(masked, datamodule),
+            figures.denormalize(output, datamodule),
             out / "decoder_output.png",
             visible_pasted=False,
             mask_ratio=cfg.mask_ratio,
@@ -271,8 +278,8 @@ def analyze_whitebox(
             epoch=epoch,
         )
         features = trace.layers[-1].subspace[:n, :, 1:].transpose(1, 2).flatten(2)
-        pca = whitebox.pca_feature_maps(features, trace.extras["grid_size"])
-        whitebox.plot_pca_maps(whitebox.denormalize(images, datamodule), pca, out / "pca.png")
+        pca = measures.pca_feature_maps(features, trace.extras["grid_size"])
+        figures.plot_pca_maps(figures.denormalize(images, datamodule), pca, out / "pca.png")
         report["figures"].update({"decoder_output": "decoder_output.png", "pca": "pca.png"})
     return report
 

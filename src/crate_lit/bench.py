@@ -307,9 +307,9 @@ def bench_data(
     each the best of ``rounds`` alternating rounds."""
     from hydra import compose, initialize_config_dir
 
+    from .building import build_datamodule
     from .configs import to_container
     from .runs import config_dir
-    from .building import build_datamodule
 
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose("train", overrides=overrides)

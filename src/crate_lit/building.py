@@ -10,7 +10,6 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from .callbacks import EMA
 from .configs import to_container
 from .data import DATAMODULES
 from .modules import CrateClassifier, CrateMAEPretrainer
@@ -42,7 +41,6 @@ def build_module(cfg: DictConfig) -> L.LightningModule:
             **common,
             mask_ratio=float(cfg.mask_ratio),
             global_batch_size=int(cfg.data.batch_size),
-            num_reconstructions=int(cfg.get("num_reconstructions", 8)),
         )
     return CrateClassifier(
         **common, label_smoothing=float(cfg.label_smoothing), linear_probe=cfg.task == "linear_probe"
@@ -50,14 +48,16 @@ def build_module(cfg: DictConfig) -> L.LightningModule:
 
 
 def instantiate_group(group: Any) -> List[Any]:
-    return [instantiate(node) for node in (group or {}).values() if node is not None]
+    """The objects of a config group's entries; an entry that is null, or whose target gives
+    None (``crate_lit.callbacks.ema`` with ``ema_decay=null``), adds nothing."""
+    objects = [instantiate(node) for node in (group or {}).values() if node is not None]
+    return [obj for obj in objects if obj is not None]
 
 
 def build_callbacks(cfg: DictConfig, clock: RunClock, loggers: List[Any]) -> List[Any]:
-    """The ``callbacks`` group, then the run clock."""
+    """The ``callbacks`` group (its ``ema`` entry: an EMA of the weights when ``ema_decay`` is
+    set), then the run clock."""
     callbacks = instantiate_group(cfg.get("callbacks"))
-    if cfg.get("ema_decay") is not None:
-        callbacks.append(EMA(cfg.ema_decay))
     callbacks.append(clock)
     if not loggers:  # logger=none: nothing would receive the learning rate
         callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.LearningRateMonitor)]

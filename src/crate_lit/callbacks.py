@@ -1,4 +1,5 @@
-"""Training callbacks: CRATE's white-box quantities measured while it trains, and an EMA of weights."""
+"""Training callbacks: CRATE's white-box quantities measured while it trains, CRATE-MAE
+reconstruction figures, and an EMA of weights."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 from torch.utils.data import default_collate
 
-from . import whitebox
+from . import figures, measures
 
 log = logging.getLogger(__name__)
 
@@ -25,14 +26,26 @@ class EMA(WeightAveraging):
     ``current_model_state``, so a resumed run continues both) and what the model ends with."""
 
     def __init__(self, decay: float = 0.9999) -> None:
-        if isinstance(decay, bool) or not isinstance(decay, float) or not 0.0 < decay < 1.0:
-            raise ValueError(f"ema_decay must be null or a number in (0, 1) such as 0.9999, got {decay!r}")
+        check_ema_decay(decay)
         super().__init__(multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
         self.decay = decay
 
     def state_dict(self) -> dict:
         # the decay, so that resuming without ema_decay can name the value to give
         return {**super().state_dict(), "decay": self.decay}
+
+
+def check_ema_decay(decay: Any) -> None:
+    """Raise ValueError unless ``decay`` is a float in (0, 1) (``ema_decay`` may also be null:
+    no EMA)."""
+    if isinstance(decay, bool) or not isinstance(decay, float) or not 0.0 < decay < 1.0:
+        raise ValueError(f"ema_decay must be null or a number in (0, 1) such as 0.9999, got {decay!r}")
+
+
+def ema(decay: Optional[float] = None) -> Optional[EMA]:
+    """The ``ema`` entry of the callbacks group (``decay: ${ema_decay}``): an :class:`EMA` of
+    that decay, or None (no callback; crate-train leaves it out) when the decay is null."""
+    return None if decay is None else EMA(decay)
 
 
 class WhiteboxMonitor(L.Callback):
@@ -67,18 +80,18 @@ class WhiteboxMonitor(L.Callback):
         images = self._images
         trace = model.trace(images)
         metrics = {}
-        for layer in whitebox.layerwise_stats(trace):
+        for layer in measures.layerwise_stats(trace):
             metrics[f"whitebox/coding_rate_l{layer['layer']}"] = layer["coding_rate_mean"]
             metrics[f"whitebox/sparsity_l{layer['layer']}"] = layer["sparsity_mean"]
-        maps = whitebox.cls_attention_maps(trace.layers[-1].attention, trace.extras["grid_size"])
+        maps = measures.cls_attention_maps(trace.layers[-1].attention, trace.extras["grid_size"])
         shown = maps[: self.figure_images]
-        pictures = whitebox.denormalize(images[: self.figure_images], trainer.datamodule)
+        pictures = figures.denormalize(images[: self.figure_images], trainer.datamodule)
         folder = Path(trainer.default_root_dir) / "whitebox"
-        path = whitebox.plot_attention_grid(
+        path = figures.plot_attention_grid(
             pictures,
             shown,
             # the masks crate-analyze scores (its defaults: keep 0.6, bilinear)
-            whitebox.attention_masks(shown, pictures.shape[-2:]),
+            measures.attention_masks(shown, pictures.shape[-2:]),
             folder / f"attention-epoch{trainer.current_epoch:03d}.png",
             layer=len(trace.layers),
             depth=len(trace.layers),
@@ -91,6 +104,54 @@ class WhiteboxMonitor(L.Callback):
         # so nothing to reduce over DDP ranks
         pl_module.log_dict(metrics, rank_zero_only=True)
         log_image_file(trainer.loggers, "whitebox/attention", path, trainer.global_step)
+
+
+class ReconstructionFigures(L.Callback):
+    """CRATE-MAE pre-training: after each validation epoch, a grid (original, masked input,
+    reconstruction: the masked patches predicted, the visible ones pasted back) of ``num_images``
+    validation images spread evenly over the validation set (the same ones, with the same
+    masks, every epoch), saved as ``<run>/reconstructions/epoch<NNN>.png`` and sent to the
+    loggers that take images (``mae/reconstructions``). Nothing for a module without
+    ``reconstruct`` (a classifier)."""
+
+    def __init__(self, num_images: int = 8) -> None:
+        self.num_images = num_images
+        # the grid's images (model inputs) and their labels, chosen once
+        self._images: Optional[torch.Tensor] = None
+        self.labels: List[int] = []
+
+    @torch.no_grad()
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        reconstruct = getattr(pl_module, "reconstruct", None)
+        # while fitting only: a later trainer.validate (validate_best) is no further epoch
+        if reconstruct is None or trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+            return
+        if not trainer.is_global_zero:
+            return
+        if self._images is None:
+            # spread over the validation set: its first images are all of its first class when
+            # it is sorted by class (image folders)
+            shown = spread_eval_images(trainer, self.num_images, pl_module.device)
+            if shown is None:
+                return
+            _, self._images, labels = shown
+            self.labels = [int(label) for label in labels]
+        images = self._images
+        masked, reconstruction = reconstruct(images)
+        datamodule = trainer.datamodule
+        run = Path(trainer.default_root_dir)
+        path = figures.plot_reconstructions(
+            figures.denormalize(images, datamodule),
+            figures.denormalize(masked, datamodule),
+            figures.denormalize(reconstruction, datamodule),
+            run / "reconstructions" / f"epoch{trainer.current_epoch:03d}.png",
+            visible_pasted=True,
+            mask_ratio=pl_module.hparams.get("mask_ratio"),
+            source="run " + "/".join(run.parts[-2:]),
+            epoch=trainer.current_epoch,
+            row_labels=[f"class {label}" for label in self.labels],
+        )
+        log_image_file(trainer.loggers, "mae/reconstructions", path, trainer.global_step)
 
 
 class ThroughputLogger(L.Callback):

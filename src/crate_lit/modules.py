@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.trainer.states import TrainerFn
 from torchmetrics.classification import MulticlassAccuracy
 
-from .data.datamodules import global_seed, stable_seed
 from .models import CrateMAEClassifier, create_model, load_pretrained
 from .optim import build_optimizer, build_scheduler, optimizer_steps_per_epoch
+from .seeding import global_seed, stable_seed
 
 log = logging.getLogger(__name__)
 
@@ -162,10 +160,9 @@ class CrateMAEPretrainer(ScheduledModule):
     """CRATE-MAE pre-training with the MAE recipe: AdamW, no weight decay on 1-D parameters,
     ``lr = base_lr * global_batch / 256``, per-step warm-up then half-cosine. The masking noise
     of each step is seeded by (seed, step, rank), so a resumed run masks as the original would.
-    After each validation epoch, ``num_reconstructions`` validation images, spread evenly over
-    the validation set, are saved as a grid (original, masked input, reconstruction: the masked
-    patches predicted, the visible ones pasted back) under ``<run>/reconstructions/`` and sent
-    to the loggers that take images."""
+    :meth:`reconstruct` gives the masked input and reconstruction of some images, which the
+    ``ReconstructionFigures`` callback (``crate_lit.callbacks``) draws after each validation
+    epoch."""
 
     def __init__(
         self,
@@ -174,16 +171,12 @@ class CrateMAEPretrainer(ScheduledModule):
         scheduler: Dict[str, Any],
         mask_ratio: float = 0.75,
         global_batch_size: int = 256,
-        num_reconstructions: int = 8,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
         self.model = build_model(model)
         # the released model keeps an unused Linear; frozen so DDP finds no unused gradients
         self.model.decoder_embed.requires_grad_(False)
-        # the reconstruction grid's images (model inputs) and their labels, chosen once
-        self._shown: Optional[torch.Tensor] = None
-        self._shown_labels: list[int] = []
 
     def _noise(self, batch: int, step: int, split: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(stable_seed(global_seed(), split, step, self.global_rank))
@@ -204,38 +197,12 @@ class CrateMAEPretrainer(ScheduledModule):
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
 
     @torch.no_grad()
-    def on_validation_epoch_end(self) -> None:
-        # while fitting only: a later trainer.validate (validate_best) is no further epoch
-        fitting = self.trainer.state.fn == TrainerFn.FITTING and not self.trainer.sanity_checking
-        if not fitting or not self.trainer.is_global_zero:
-            return
-        from . import whitebox
-        from .callbacks import log_image_file, spread_eval_images
-
-        if self._shown is None:
-            # spread over the validation set: its first images are all of its first class when
-            # it is sorted by class (image folders)
-            shown = spread_eval_images(self.trainer, self.hparams.num_reconstructions, self.device)
-            if shown is None:
-                return
-            _, self._shown, labels = shown
-            self._shown_labels = [int(label) for label in labels]
-        images = self._shown
+    def reconstruct(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The masked input and the reconstruction (the masked patches predicted, the visible
+        ones pasted back) of ``images`` (model inputs), masked by the noise of the first
+        validation batch: the same masks for the same images in every epoch."""
         _, pred, mask = self(images, self._noise(len(images), 0, 1))
-        masked, reconstruction = self.model.reconstruction_images(images, pred, mask, paste_visible=True)
-        datamodule = self.trainer.datamodule
-        path = whitebox.plot_reconstructions(
-            whitebox.denormalize(images, datamodule),
-            whitebox.denormalize(masked, datamodule),
-            whitebox.denormalize(reconstruction, datamodule),
-            Path(self.trainer.default_root_dir) / "reconstructions" / f"epoch{self.current_epoch:03d}.png",
-            visible_pasted=True,
-            mask_ratio=self.hparams.mask_ratio,
-            source="run " + "/".join(Path(self.trainer.default_root_dir).parts[-2:]),
-            epoch=self.current_epoch,
-            row_labels=[f"class {label}" for label in self._shown_labels],
-        )
-        log_image_file(self.trainer.loggers, "mae/reconstructions", path, self.global_step)
+        return self.model.reconstruction_images(images, pred, mask, paste_visible=True)
 
     def configure_optimizers(self) -> Dict[str, Any]:
         args = dict(self.hparams.optimizer)

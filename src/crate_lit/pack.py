@@ -8,7 +8,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from .data.datamodules import DataError
+from .data.loading import DataError
 from .data.shards import pack_folders
 from .runs import config_dir
 

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .building import build_callbacks, build_datamodule, build_module, build_trainer, instantiate_group
 from .configs import run_command, to_container
-from .data.datamodules import DataError
+from .data.loading import DataError
 from .launching import ddp_launch_scope
 from .loggers import AppendingCSVLogger, quiet_lightning_notices
 from .reporting import print_summary, run_summary

@@ -13,6 +13,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .callbacks import check_ema_decay
 from .data import DATAMODULES
 from .models.factory import torch_file_format
 from .modules import TASKS, is_mae
@@ -87,6 +88,8 @@ def validate(cfg: DictConfig) -> None:
             "CRATE classifier (e.g. model=crate_tiny), or pre-train it with task=mae "
             "(experiment=mae_pretrain) or probe its encoder with experiment=linear_probe"
         )
+    if cfg.get("ema_decay") is not None:  # the callbacks group's ema entry takes it
+        check_ema_decay(cfg.ema_decay)
     ratio = cfg.get("mask_ratio")
     number = isinstance(ratio, (int, float)) and not isinstance(ratio, bool)
     if task == "mae" and not (number and 0 <= ratio < 1):

@@ -1,8 +1,9 @@
 """Datasets and LightningDataModules."""
 
-from .datamodules import ImageDataModule, InMemoryImages, ShapesDataModule
-from .folders import CIFARDataModule, ImageNetDataModule, ImageNetShardsDataModule
-from .shapes import CLASS_NAMES, ShapesDataset
+from .cifar import CIFARDataModule
+from .imagenet import ImageNetDataModule, ImageNetShardsDataModule
+from .loading import ImageDataModule, InMemoryImages
+from .shapes import CLASS_NAMES, ShapesDataModule, ShapesDataset
 
 DATAMODULES = {
     "shapes": ShapesDataModule,

@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Tuple
 import numpy as np
 
 from ..runs import atomic_write, atomic_write_text
-from .datamodules import DataError
+from .loading import DataError
 
 __all__ = ["FORMAT", "MANIFEST", "ShardSamples", "pack_folders", "read_manifest", "write_shards"]
 
@@ -178,7 +178,7 @@ class ShardSamples:
 
 def pack_folders(root: os.PathLike | str, out: os.PathLike | str, shard_bytes: int) -> Dict[str, Any]:
     """``root/train/<class>/*`` and ``root/val/<class>/*`` (the ImageNet layout) into shards."""
-    from .folders import ImageFolderDataset, ImageNetDataModule
+    from .imagenet import ImageFolderDataset, ImageNetDataModule
 
     classes = ImageNetDataModule.class_folders(str(root))
     class_to_idx = {name: i for i, name in enumerate(classes)}

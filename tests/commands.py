@@ -47,7 +47,7 @@ FRESH = os.environ.get("CRATE_LIT_TEST_FRESH") == "1"
 # child's pid, then its exit status) go out on a descriptor of their own, since the children's
 # stdout and stderr are files
 _ZYGOTE = r"""
-import importlib.metadata, json, os, sys, threading, traceback
+import importlib.metadata, json, os, sys, threading
 import crate_lit.analyze, crate_lit.bench, crate_lit.pack, crate_lit.train
 replies = os.fdopen(os.dup(1), "w", buffering=1)
 devnull = os.open(os.devnull, os.O_RDWR)
@@ -58,40 +58,24 @@ for line in sys.stdin:
     request = json.loads(line)
     pid = os.fork()
     if pid == 0:
-        code = 1
-        try:
-            os.setsid()
-            replies.close()
-            os.dup2(devnull, 0)
-            for fd, name in ((1, "stdout"), (2, "stderr")):
-                out = os.open(request[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-                os.dup2(out, fd)
-                os.close(out)
-            os.chdir(request["cwd"])
-            os.environ.clear()
-            os.environ.update(request["env"])
-            sys.argv = request["argv"]
-            # the script's folder first, then PYTHONPATH's: the path a fresh interpreter starts with
-            extra = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-            sys.path[:] = [os.path.dirname(sys.argv[0]), *extra, *(p for p in sys.path[1:] if p not in extra)]
-            main = scripts[os.path.basename(sys.argv[0])].load()
-            try:
-                main()
-                code = 0
-            except SystemExit as stop:
-                code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
-                if not isinstance(stop.code, (int, type(None))):
-                    print(stop.code, file=sys.stderr)
-            except BaseException:
-                traceback.print_exc()
-                code = 1
-        finally:
-            for stream in (sys.stdout, sys.stderr):
-                try:
-                    stream.flush()
-                except Exception:
-                    pass
-            os._exit(code)
+        os.setsid()
+        replies.close()
+        os.dup2(devnull, 0)
+        for fd, name in ((1, "stdout"), (2, "stderr")):
+            out = os.open(request[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            os.dup2(out, fd)
+            os.close(out)
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        sys.argv = request["argv"]
+        # the script's folder first, then PYTHONPATH's: the path a fresh interpreter starts with
+        extra = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        sys.path[:] = [os.path.dirname(sys.argv[0]), *extra, *(p for p in sys.path[1:] if p not in extra)]
+        # the entry point's end is the interpreter's: an exception or SystemExit leaves this loop,
+        # and the exit runs atexit handlers and joins threads (wandb finishes its run there)
+        scripts[os.path.basename(sys.argv[0])].load()()
+        sys.exit(0)
     replies.write(json.dumps({"pid": pid}) + "\n")
     _, status = os.waitpid(pid, 0)
     replies.write(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}) + "\n")

@@ -250,3 +250,31 @@ def test_ema_decay_drives_the_ema_entry_of_the_callbacks_group(tmp_path: Path) -
     names = [type(c).__name__ for c in on]
     assert ema.decay == 0.9 and names[-2:] == ["EMA", "ReconstructionFigures"], names
     assert [type(c) for c in on if c is not ema] == [type(c) for c in off]
+
+
+COMPOSED_CASES = [
+    (),
+    *[(f"experiment={p.stem}",) for p in sorted((CONF / "experiment").glob("*.yaml"))],
+    *[(f"{group}={option}",) for group in ("model", "data", "optimizer", "scheduler", "trainer", "logger")
+      for option in group_options(group)],
+    *[(f"debug={p.stem}",) for p in sorted((CONF / "debug").glob("*.yaml"))],
+    ("ema_decay=0.999",),
+    ("experiment=mae_pretrain", "trainer=ddp", "logger=wandb"),
+]  # fmt: skip
+# callbacks entries added with the MAE figure and EMA moving into the callbacks group
+NEW_CALLBACKS = ("ema", "reconstruction_figures")
+
+
+@pytest.mark.parametrize("overrides", COMPOSED_CASES, ids=lambda o: " ".join(o) or "defaults")
+def test_configs_compose_as_they_did_before_the_tree_was_reorganised(overrides: tuple) -> None:
+    from omegaconf import OmegaConf
+
+    before = yaml.safe_load((REPO / "tests" / "composed_configs.yaml").read_text())[
+        " ".join(overrides) or "(defaults)"
+    ]
+    now = OmegaConf.to_container(_composed(*overrides), resolve=False)
+    assert set(NEW_CALLBACKS) <= set(now["callbacks"])
+    for key in NEW_CALLBACKS:
+        del now["callbacks"][key]
+    # as structures: the yaml text of a config depends on the omegaconf version
+    assert now == yaml.safe_load(before)

@@ -21,8 +21,8 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import resample_abs_pos_embed, to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
 __all__ = [
@@ -41,12 +41,6 @@ __all__ = [
 ]
 
 
-def _pair(value: Union[int, Tuple[int, int], List[int]]) -> Tuple[int, int]:
-    if isinstance(value, int):
-        return value, value
-    return int(value[0]), int(value[1])
-
-
 class PatchTokenizer(nn.Module):
     """f^pre: non-overlapping patches flattened as (row, column, channel), LN, Linear, LN."""
 
@@ -58,7 +52,7 @@ class PatchTokenizer(nn.Module):
         embed_dim: int = 384,
     ) -> None:
         super().__init__()
-        self.img_size = _pair(img_size)
+        self.img_size = to_2tuple(img_size)
         self.patch_size = patch_size
         self.in_chans = in_chans
         if self.img_size[0] % patch_size or self.img_size[1] % patch_size:
@@ -206,19 +200,36 @@ class CrateBlock(nn.Module):
         return sparse, LayerTrace(w, attn, compressed, sparse)
 
 
+def take_indices(num_blocks: int, indices: Union[int, List[int], None]) -> Tuple[List[int], int]:
+    """The blocks timm's ``forward_intermediates`` convention names, and the last of them: an int
+    ``n`` is the last ``n`` blocks, a list names blocks by index (negative from the end). (timm's
+    own helper for this is not part of its public API.)"""
+    if indices is None:
+        indices = num_blocks
+    if isinstance(indices, int):
+        if not 0 < indices <= num_blocks:
+            raise ValueError(f"indices={indices}: take between 1 and {num_blocks} of the {num_blocks} blocks")
+        taken = list(range(num_blocks - indices, num_blocks))
+    else:
+        taken = [num_blocks + i if i < 0 else i for i in indices]
+        if not all(0 <= i < num_blocks for i in taken):
+            raise ValueError(
+                f"indices={indices}: a model with {num_blocks} blocks has indices 0 to {num_blocks - 1}"
+            )
+    return taken, max(taken)
+
+
 def resample_pos_embed(pos_embed: Tensor, grid_size: Tuple[int, int], num_prefix_tokens: int = 1) -> Tensor:
-    """Bicubic resize of the patch part of a (1, prefix + H*W, d) table; prefix rows kept."""
-    prefix, patches = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
-    old = int(math.isqrt(patches.shape[1]))
-    if old * old != patches.shape[1]:
-        raise ValueError(f"cannot resample a non-square position grid of {patches.shape[1]} patches")
-    if (old, old) == tuple(grid_size):
-        return pos_embed
-    dim = patches.shape[-1]
-    grid = patches.reshape(1, old, old, dim).permute(0, 3, 1, 2).float()
-    grid = F.interpolate(grid, size=grid_size, mode="bicubic", align_corners=False)
-    grid = grid.permute(0, 2, 3, 1).reshape(1, -1, dim).to(pos_embed.dtype)
-    return torch.cat([prefix, grid], dim=1)
+    """Bicubic resize of the patch part of a (1, prefix + H*W, d) table; prefix rows kept. timm's
+    resampling without its antialiasing, which has always been how this project resized (and only
+    differs when the grid shrinks)."""
+    patches = pos_embed.shape[1] - num_prefix_tokens
+    old = int(math.isqrt(patches))
+    if old * old != patches:
+        raise ValueError(f"cannot resample a non-square position grid of {patches} patches")
+    return resample_abs_pos_embed(
+        pos_embed, list(grid_size), (old, old), num_prefix_tokens, antialias=False, align_corners=False
+    )
 
 
 class Crate(nn.Module):
@@ -312,7 +323,7 @@ class Crate(nn.Module):
         """timm's intermediate-feature API; ``norm`` is accepted and ignored (no final norm)."""
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-        take, max_index = feature_take_indices(len(self.blocks), indices)
+        take, max_index = take_indices(len(self.blocks), indices)
         blocks = self.blocks[: max_index + 1] if stop_early else self.blocks
         x = self._embed(x)
         kept = []
@@ -333,7 +344,7 @@ class Crate(nn.Module):
     def prune_intermediate_layers(
         self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> List[int]:
-        take, max_index = feature_take_indices(len(self.blocks), indices)
+        take, max_index = take_indices(len(self.blocks), indices)
         self.blocks = self.blocks[: max_index + 1]
         if prune_head:
             self.head_norm = nn.Identity()
@@ -435,7 +446,7 @@ CRATE_CONFIGS: Dict[str, Dict[str, Any]] = {
 # -- named constructors (registered in timm's model registry) ----------------------------
 def _cfg(variant: str) -> Dict[str, Any]:
     args = CRATE_CONFIGS[variant]
-    size = _pair(args.get("img_size", 224))
+    size = to_2tuple(args.get("img_size", 224))
     cpu_sized = size[0] < 224
     return {
         "url": "",

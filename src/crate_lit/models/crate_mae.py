@@ -13,9 +13,10 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+from timm.layers import to_2tuple
 from torch import Tensor, nn
 
-from .crate import CrateBlock, SubspaceAttention, WhiteboxTrace, _pair, rename_keys
+from .crate import CrateBlock, SubspaceAttention, WhiteboxTrace, rename_keys
 
 __all__ = [
     "ConvPatchEmbed",
@@ -55,7 +56,7 @@ class ConvPatchEmbed(nn.Module):
 
     def __init__(self, img_size: Union[int, Tuple[int, int]], patch_size: int, in_chans: int, dim: int):
         super().__init__()
-        self.img_size = _pair(img_size)
+        self.img_size = to_2tuple(img_size)
         self.patch_size = patch_size
         if self.img_size[0] % patch_size or self.img_size[1] % patch_size:
             raise ValueError(

@@ -177,7 +177,7 @@ def test_a_checkpoint_brings_its_data_settings():
     takes the data module's default (what its run used), the loader settings stay."""
     from omegaconf import OmegaConf
 
-    from crate_lit.analyze import inherit_data_settings
+    from crate_lit.analysis import inherit_data_settings
     from crate_lit.runs import config_dir
 
     cfg = OmegaConf.create({"data": OmegaConf.load(Path(config_dir()) / "data" / "shapes.yaml")})
@@ -257,7 +257,7 @@ def test_a_released_224px_model_is_analysed_at_its_own_size(tmp_path):
     ],
 )
 def test_report_names_the_model_by_its_shape(name, overrides, expected):
-    from crate_lit.analyze import model_name
+    from crate_lit.analysis import model_name
     from crate_lit.models import CrateMAEClassifier
 
     model = create_model(name, **overrides)

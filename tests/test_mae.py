@@ -283,7 +283,6 @@ def test_reconstruction_grid_shows_images_of_every_class(tmp_path):
     class: the grid's images come from all of its classes, not the first one's."""
     from pathlib import Path
 
-    import lightning as L
     from omegaconf import OmegaConf
     from PIL import Image
 
@@ -314,12 +313,7 @@ def test_reconstruction_grid_shows_images_of_every_class(tmp_path):
         global_batch_size=4,
     )
     figures = ReconstructionFigures(num_images=4)
-    trainer = L.Trainer(
-        max_epochs=1, limit_train_batches=1, limit_val_batches=1, num_sanity_val_steps=0, callbacks=[figures],
-        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path / "run"),
-    )  # fmt: skip
-    trainer.fit(module, datamodule=datamodule)
+    _one_epoch_of_one_batch(module, datamodule, figures, tmp_path / "run")
     # the first 4 validation images (and the only validation batch) are all of class 0
     assert figures.labels == [0, 1, 2, 3]
     with Image.open(tmp_path / "run" / "reconstructions" / "epoch000.png") as grid:
@@ -329,7 +323,6 @@ def test_reconstruction_grid_shows_images_of_every_class(tmp_path):
 def test_reconstruction_figures_draw_nothing_for_a_classifier(tmp_path):
     """The callback runs for every task (callbacks=default): a classifier has nothing to
     reconstruct, and the run folder gets no reconstructions/."""
-    import lightning as L
 
     from crate_lit.callbacks import ReconstructionFigures
     from crate_lit.data import DATAMODULES
@@ -344,10 +337,16 @@ def test_reconstruction_figures_draw_nothing_for_a_classifier(tmp_path):
         scheduler={"name": "constant", "warmup_epochs": 0},
     )
     figures = ReconstructionFigures(num_images=2)
+    _one_epoch_of_one_batch(module, datamodule, figures, tmp_path / "run")
+    assert figures.labels == [] and not (tmp_path / "run" / "reconstructions").exists()
+
+
+def _one_epoch_of_one_batch(module, datamodule, callback, folder) -> None:
+    import lightning as L
+
     trainer = L.Trainer(
-        max_epochs=1, limit_train_batches=1, limit_val_batches=1, num_sanity_val_steps=0, callbacks=[figures],
-        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path / "run"),
+        max_epochs=1, limit_train_batches=1, limit_val_batches=1, num_sanity_val_steps=0,
+        callbacks=[callback], accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(folder),
     )  # fmt: skip
     trainer.fit(module, datamodule=datamodule)
-    assert figures.labels == [] and not (tmp_path / "run" / "reconstructions").exists()

@@ -1,4 +1,5 @@
-"""Fixtures shared by the test modules: dataset folders in the real on-disk formats."""
+"""Fixtures shared by the test modules: dataset folders in the real on-disk formats, and one
+finished run for the tests that need *a* crate-lit checkpoint (to resume, damage or refuse)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from commands import QUICK, crate_train
 from formats import write_cifar10, write_cifar100, write_imagenet
 
 
@@ -23,3 +25,14 @@ def cifar10_root(tmp_path: Path) -> Path:
 @pytest.fixture
 def cifar100_root(tmp_path: Path) -> Path:
     return write_cifar100(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder of a finished one-epoch crate_micro run (``commands.QUICK``): one per test
+    process. Tests that change it work on a copy."""
+    cwd = tmp_path_factory.mktemp("trained")
+    args = [a for a in QUICK if not a.startswith("trainer.max_epochs")]
+    proc = crate_train(*args, "trainer.max_epochs=1", f"hydra.run.dir={cwd / 'run'}", cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return cwd / "run"

@@ -338,15 +338,6 @@ class Signal(L.Callback):
 """
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> Path:
-    """The folder of a finished one-epoch crate_micro run (a real .ckpt to damage or resume)."""
-    cwd = tmp_path_factory.mktemp("trained")
-    proc = crate_train(*MICRO, "trainer.max_epochs=1", f"hydra.run.dir={cwd / 'run'}", cwd=cwd)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return cwd / "run"
-
-
 def _flip_member(source: Path, target: Path, member: str) -> None:
     """A copy of the zip archive ``source`` with every 7th byte of ``member`` inverted: still a
     valid zip (its directory and headers untouched; torch checks no CRC), damaged inside."""
@@ -623,12 +614,13 @@ def test_pasteable_paths_survive_the_shell_and_hydras_lexer(tmp_path):
     assert pasteable("/plain/2026-12-02/05-02-22/last.ckpt") == "/plain/2026-12-02/05-02-22/last.ckpt"
 
 
-def test_a_resume_with_data_settings_that_resize_the_weights_is_refused_before_anything_is_written(tmp_path):
+def test_a_resume_with_data_settings_that_resize_the_weights_is_refused_before_anything_is_written(  # noqa: E501
+    tmp_path, trained
+):
     """data.image_size sizes the position table, data.num_classes the head: neither is in the
     model config, yet the checkpoint cannot be loaded; refused at start, the run's files as they were."""
     run = tmp_path / "run"
-    proc = crate_train(*MICRO, "trainer.max_epochs=1", f"hydra.run.dir={run}", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    shutil.copytree(trained, run)
     kept = {name: (run / name).read_bytes() for name in ("hparams.yaml", "metrics.csv")}
     for change, key in (("data.image_size=48", "pos_embed"), ("data.num_classes=4", "head")):
         args = [*MICRO, "trainer.max_epochs=2", change, f"hydra.run.dir={run}", "ckpt_path=last"]

@@ -41,6 +41,17 @@ __all__ = [
 ]
 
 
+def patch_grid(img_size: Tuple[int, int], patch_size: int) -> Tuple[int, int]:
+    """The (rows, columns) of non-overlapping patches; an image size that leaves a remainder is
+    refused rather than cropped."""
+    if img_size[0] % patch_size or img_size[1] % patch_size:
+        raise ValueError(
+            f"image size {img_size} is not divisible by patch size {patch_size}; "
+            "choose an image size that is a multiple of the patch size"
+        )
+    return img_size[0] // patch_size, img_size[1] // patch_size
+
+
 class PatchTokenizer(nn.Module):
     """f^pre: non-overlapping patches flattened as (row, column, channel), LN, Linear, LN."""
 
@@ -55,12 +66,7 @@ class PatchTokenizer(nn.Module):
         self.img_size = to_2tuple(img_size)
         self.patch_size = patch_size
         self.in_chans = in_chans
-        if self.img_size[0] % patch_size or self.img_size[1] % patch_size:
-            raise ValueError(
-                f"image size {self.img_size} is not divisible by patch size {patch_size}; "
-                "choose an image size that is a multiple of the patch size"
-            )
-        self.grid_size = (self.img_size[0] // patch_size, self.img_size[1] // patch_size)
+        self.grid_size = patch_grid(self.img_size, patch_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         patch_dim = patch_size * patch_size * in_chans
         self.patch_norm = nn.LayerNorm(patch_dim)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from timm.layers import to_2tuple
 from torch import Tensor, nn
 
-from .crate import CrateBlock, SubspaceAttention, WhiteboxTrace, rename_keys
+from .crate import CrateBlock, SubspaceAttention, WhiteboxTrace, patch_grid, rename_keys
 
 __all__ = [
     "ConvPatchEmbed",
@@ -58,12 +58,7 @@ class ConvPatchEmbed(nn.Module):
         super().__init__()
         self.img_size = to_2tuple(img_size)
         self.patch_size = patch_size
-        if self.img_size[0] % patch_size or self.img_size[1] % patch_size:
-            raise ValueError(
-                f"image size {self.img_size} is not divisible by patch size {patch_size}; "
-                "choose an image size that is a multiple of the patch size"
-            )
-        self.grid_size = (self.img_size[0] // patch_size, self.img_size[1] // patch_size)
+        self.grid_size = patch_grid(self.img_size, patch_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
 

@@ -377,7 +377,7 @@ def test_fast_ista_equals_three_product_form():
 
 
 def test_benchmark_plain_reference_is_the_same_function():
-    from crate_lit.bench import PlainCrate
+    from crate_lit.benchmarks import PlainCrate
 
     model = create_model("crate_micro").eval()
     plain = PlainCrate(img_size=32, patch_size=8, num_classes=10, embed_dim=32, depth=2, num_heads=2).eval()

@@ -260,7 +260,7 @@ def test_throughput_logger_tells_a_data_bound_run_from_a_model_bound_one(
 
 
 def test_crate_bench_data_measures_each_loader_on_the_same_files(imagenet_root) -> None:
-    from crate_lit.bench import bench_data
+    from crate_lit.benchmarks import bench_data
 
     overrides = [
         "data=imagenet", f"data.root={imagenet_root}", "data.num_classes=3", "data.image_size=32",

@@ -627,3 +627,58 @@ def test_a_resume_with_data_settings_that_resize_the_weights_is_refused_before_a
         line = one_line_error(crate_train(*args, cwd=tmp_path))
         assert "does not fit this run's model" in line and key in line, line
         assert {name: (run / name).read_bytes() for name in kept} == kept
+
+
+# ---------------------------------------------------------------------------------------------
+# issue #13: one reader (models.factory.read_torch_file) for model.pretrained, ckpt_path to
+# resume from and crate-analyze's ckpt_path; each names the file the way its caller was given it
+
+
+def test_one_reader_names_each_bad_file_by_its_key(tmp_path):
+    import argparse
+
+    from crate_lit.runs import read_checkpoint
+
+    weights = create_model("crate_micro").state_dict()
+    good = tmp_path / "good.pth"
+    torch.save(weights, good)
+    legacy = tmp_path / "legacy.pth"
+    torch.save(weights, legacy, _use_new_zipfile_serialization=False)
+    text = tmp_path / "text.pth"
+    text.write_text("not a checkpoint\n")
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(good.read_bytes()[:1000])
+    objects = tmp_path / "objects.pth"
+    torch.save({"state_dict": weights, "args": argparse.Namespace(lr=1)}, objects)
+    flipped = tmp_path / "flipped.pth"
+    _flip_member(good, flipped, "data.pkl")
+
+    def error(read, path) -> str:
+        with pytest.raises(ValueError) as raised:
+            read(path)
+        message = str(raised.value)
+        assert "\n" not in message and "weights_only=True" not in message, message
+        return message
+
+    def analyze(path):
+        return read_checkpoint(path, resuming=False)
+
+    for read in (read_checkpoint, analyze):
+        assert set(read(good)) == set(weights) and set(read(legacy)) == set(weights)
+        assert error(read, text).startswith(f"ckpt_path={text} is not a PyTorch checkpoint")
+        for damaged in (cut, flipped):
+            line = error(read, damaged)
+            assert line.startswith(f"ckpt_path={damaged} cannot be read as a checkpoint"), line
+            assert "damaged" in line and "not a readable PyTorch checkpoint" in line
+    assert "args" in read_checkpoint(objects)  # resumed as Lightning would read it
+    line = error(analyze, objects)
+    assert "holds objects other than tensors and plain containers" in line and "argparse.Namespace" in line
+    assert "weights_only=False" not in line
+
+    model = create_model("crate_micro")
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        load_pretrained(model, tmp_path / "missing.pth")
+    assert error(lambda p: load_pretrained(model, p), text).startswith(f"{text} is not a PyTorch checkpoint")
+    assert "damaged" in error(lambda p: load_pretrained(model, p), flipped)
+    line = error(lambda p: load_pretrained(model, p), objects)
+    assert "argparse.Namespace" in line and "torch.load(path, weights_only=False)" in line

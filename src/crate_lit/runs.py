@@ -7,7 +7,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import pickle
 import re
 import shlex
 import shutil
@@ -27,7 +26,7 @@ from hydra.experimental.callback import Callback
 from lightning.pytorch.plugins import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from .models.factory import CRATE_CONFIGS, CRATE_MAE_CONFIGS, named_config, torch_file_format
+from .models.factory import CRATE_CONFIGS, CRATE_MAE_CONFIGS, named_config, read_torch_file
 
 # files and folders that show a folder already holds a crate-train run
 RUN_MARKERS = (".hydra", "checkpoints", "metrics.csv", "summary.json", "multirun.yaml")
@@ -259,38 +258,19 @@ def _exit_with_error(message: str) -> None:
 
 
 def read_checkpoint(path: os.PathLike | str, resuming: bool = True) -> Dict[str, Any]:
-    """A checkpoint's contents, memory-mapped (nothing is read that is not used) when it is a zip
-    archive (the legacy format of older released files cannot be mapped). Plain containers are
-    read under ``weights_only``; a checkpoint that holds other objects (another project's
-    hyper-parameters) is read as Lightning itself would read it to resume, and only then:
-    otherwise (``resuming=False``, e.g. a downloaded file to analyse) unpickling arbitrary
-    objects could run code, so such a file is refused."""
-    kind = torch_file_format(path)
-    if kind is None:
-        raise ValueError(
-            f"ckpt_path={pasteable(path)} is not a PyTorch checkpoint (neither a torch.save zip archive "
-            "nor its legacy format); give a crate-train .ckpt, e.g. ckpt_path=last"
-        )
-    mmap, checkpoint = kind == "zip", None
-    try:
-        try:
-            checkpoint = torch.load(str(path), map_location="cpu", mmap=mmap, weights_only=True)
-        except pickle.UnpicklingError:
-            if resuming:
-                checkpoint = torch.load(str(path), map_location="cpu", mmap=mmap, weights_only=False)
-    except Exception as err:  # a damaged file fails in many ways (zip, pickle, unicode, storage)
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(
-            f"ckpt_path={pasteable(path)} cannot be read as a checkpoint ({first}); is it damaged?"
-        ) from None
-    if checkpoint is None:
-        raise ValueError(
-            f"ckpt_path={pasteable(path)} holds objects other than tensors and plain containers (or is "
-            "damaged), which are read only from a checkpoint being resumed (unpickling them could run "
-            "code); give a crate-train .ckpt or a released state dict"
-        )
+    """A checkpoint's contents (``read_torch_file``); one that holds objects other than tensors
+    and plain containers (another project's hyper-parameters) is unpickled only to be resumed,
+    as Lightning itself would: otherwise (``resuming=False``, e.g. a downloaded file to analyse)
+    unpickling arbitrary objects could run code, so such a file is refused."""
+    refuse = (
+        "crate-train reads them only from a checkpoint it resumes: give a crate-train .ckpt or a "
+        "released state dict"
+    )
+    label = f"ckpt_path={pasteable(path)}"
+    give = "give a crate-train .ckpt, e.g. ckpt_path=last"
+    checkpoint = read_torch_file(path, label, give, None if resuming else refuse)
     if not isinstance(checkpoint, dict):
-        raise ValueError(f"ckpt_path={pasteable(path)} holds a {type(checkpoint).__name__}, not a checkpoint")
+        raise ValueError(f"{label} holds a {type(checkpoint).__name__}, not a checkpoint")
     return checkpoint
 
 
@@ -582,11 +562,6 @@ def _chosen(group: str, fallback: str) -> str:
     return fallback
 
 
-def _first(text: str) -> str:
-    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
-    return lines[0] if lines else ""
-
-
 def _is_wandb_usage_error(err: BaseException) -> bool:
     return type(err).__module__.startswith("wandb") and type(err).__name__ == "UsageError"
 
@@ -594,11 +569,13 @@ def _is_wandb_usage_error(err: BaseException) -> bool:
 def explain(err: BaseException, cfg: DictConfig) -> Optional[str]:
     """One line (what is wrong; how to fix it) for errors that other packages raise with a
     traceback or with words that do not say what to do; None for the others."""
+    from .validation import error_line  # not at the top: validation imports data, which imports runs
+
     # wandb.errors.UsageError, named without importing wandb (an optional dependency)
     wandb = _in_chain(err, _is_wandb_usage_error)
     if wandb is not None:
         return (
-            f"logger=wandb could not start a wandb run ({_first(wandb)}); log without an account with "
+            f"logger=wandb could not start a wandb run ({error_line(wandb)}); log without an account with "
             "WANDB_MODE=offline crate-train logger=wandb ... (`wandb sync` uploads it later), or run "
             "`wandb login` first"
         )
@@ -609,7 +586,7 @@ def explain(err: BaseException, cfg: DictConfig) -> Optional[str]:
         strategy = str(OmegaConf.select(cfg, "trainer.strategy", default=""))
         fix = "use trainer=ddp_sim for DDP over CPU processes" if "ddp" in strategy else "use trainer=cpu"
         trainer = _chosen("trainer", f"trainer.accelerator={accelerator}")
-        return f"{trainer} needs a GPU and this machine has none ({_first(err)}); {fix}"
+        return f"{trainer} needs a GPU and this machine has none ({error_line(err)}); {fix}"
     network = _in_chain(err, lambda e: isinstance(e, _NETWORK_ERRORS))
     if network is not None and OmegaConf.select(cfg, "data.download", default=False):
         reason = getattr(network, "reason", network)

@@ -4,7 +4,6 @@ line (``ConfigError``) that says what is wrong and how to fix it."""
 from __future__ import annotations
 
 import logging
-import zipfile
 from pathlib import Path
 
 import hydra
@@ -15,7 +14,6 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .callbacks import check_ema_decay
 from .data import DATAMODULES
-from .models.factory import torch_file_format
 from .modules import TASKS, is_mae
 from .optim import OPTIMIZERS, SCHEDULES
 
@@ -158,13 +156,5 @@ def resolve_ckpt_path(cfg: DictConfig, output_dir: Path) -> str | None:
                 "hydra.run.dir=<that run's folder>, or give ckpt_path=<path to a .ckpt>"
             )
         raise FileNotFoundError(f"ckpt_path={value} does not exist; give a .ckpt file or 'last'")
-
-    kind = torch_file_format(path)  # legacy-format files (older released weights) are no zip
-    if kind is None:
-        raise ValueError(
-            f"ckpt_path={value} is not a PyTorch checkpoint (neither a torch.save zip archive nor its "
-            "legacy format); give a crate-train .ckpt file or 'last'"
-        )
-    if kind == "zip" and not zipfile.is_zipfile(path):
-        raise ValueError(f"ckpt_path={path} is not a readable PyTorch checkpoint (truncated or corrupt?)")
+    # whether it is a readable checkpoint, and one for this run, is runs.read_checkpoint's to say
     return str(path)

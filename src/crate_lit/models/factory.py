@@ -6,6 +6,7 @@ import difflib
 import inspect
 import logging
 import pickle
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Union
@@ -68,46 +69,68 @@ def torch_file_format(path: Union[str, Path]) -> str | None:
     return None
 
 
+def read_torch_file(path: Union[str, Path], label: str, give: str, objects: str | None = None) -> Any:
+    """What ``torch.save`` wrote to ``path``, read to the CPU, memory-mapped when it is a zip
+    archive (nothing is read that is not used; the legacy format of older released files cannot
+    be mapped). A file that is no PyTorch file, is damaged, or holds Python objects beyond tensors
+    and plain containers is one :class:`CheckpointMismatchError` line that begins with ``label``
+    (how the user named the file, e.g. ``ckpt_path=...``); ``give`` says what to give instead of
+    a file that is none. Such objects are unpickled, which can run code, only where ``objects``
+    is None (a checkpoint being resumed, read as Lightning itself would read it); otherwise the
+    file is refused with ``objects`` as the advice."""
+    kind = torch_file_format(path)
+    if kind is None:
+        raise CheckpointMismatchError(
+            f"{label} is not a PyTorch checkpoint (neither a torch.save zip archive nor its legacy "
+            f"format); {give}"
+        )
+    mmap, refused = kind == "zip", None
+    try:
+        if mmap and not zipfile.is_zipfile(path):  # cut short: torch.load would say "Invalid argument"
+            raise EOFError("a zip archive without its end")
+        try:
+            return torch.load(str(path), map_location="cpu", mmap=mmap, weights_only=True)
+        except pickle.UnpicklingError as err:
+            if objects is None:
+                return torch.load(str(path), map_location="cpu", mmap=mmap, weights_only=False)
+            if "GLOBAL" not in str(err):  # no object's class was refused: the pickle is damaged
+                raise
+            refused = _load_error(err)
+    except Exception as err:  # a damaged file fails in many ways (zip, pickle, unicode, storage)
+        raise CheckpointMismatchError(
+            f"{label} cannot be read as a checkpoint ({_load_error(err)}); it is damaged (truncated or "
+            "altered), not a readable PyTorch checkpoint"
+        ) from None
+    raise CheckpointMismatchError(
+        f"{label} holds objects other than tensors and plain containers ({refused}), which are not "
+        f"unpickled here (that could run code); {objects}"
+    )
+
+
+def _load_error(err: BaseException) -> str:
+    """The first sentence of what a ``torch.load`` error says is wrong. Not the first line, as
+    elsewhere: torch puts the weights-only unpickler's own words (``Unsupported global: ...``,
+    ``Unsupported operand 127``) after lines of advice (e.g. to pass weights_only=False, which a
+    one-line error must not repeat) and before a pointer to the docs; every such line names
+    weights_only."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if lines and lines[0].startswith("Weights only load failed"):
+        lines = [line for line in lines if "weights_only" not in line] or lines
+        lines = [lines[-1].removeprefix("Weights only load failed. ").split("WeightsUnpickler error: ")[-1]]
+    return lines[0].split(". ", 1)[0].rstrip(".") if lines else type(err).__name__
+
+
 def _read(source: Union[str, Path]) -> Any:
     path = Path(source).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}; check the path (model.pretrained=...)")
-    if torch_file_format(path) is None:
-        raise CheckpointMismatchError(
-            f"{path} is not a PyTorch checkpoint (torch.save writes a zip archive or its legacy "
-            "format; this file is neither); give a released .pth or a crate-lit .ckpt"
-        )
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        if "Unsupported global" not in str(err):
-            raise CheckpointMismatchError(
-                f"{path} is a PyTorch file but cannot be read ({_last_line(err)}); "
-                "it is damaged (truncated or altered): get a fresh copy"
-            ) from None
-        raise CheckpointMismatchError(
-            f"{path} holds Python objects that torch.load(weights_only=True) refuses "
-            f"({_last_line(err)}); if you trust the file, load it with "
-            "torch.load(path, weights_only=False) and pass the resulting state dict"
-        ) from None
-    except Exception as err:  # a damaged archive fails in many ways (zip, pickle, unicode, storage)
-        raise CheckpointMismatchError(
-            f"{path} is a PyTorch file but cannot be read ({_last_line(err)}); "
-            "it is damaged (truncated or altered): get a fresh copy"
-        ) from None
-
-
-def _last_line(err: BaseException) -> str:
-    """What a ``torch.load`` error says is wrong: for the weights-only unpickler its cause
-    (``Unsupported global: ...``, ``Unsupported operand ...``, after paragraphs of advice), for
-    others their last non-empty line."""
-    text = str(err)
-    start = text.find("Unsupported ")
-    if start >= 0:
-        cause = text[start:].split("\n", 1)[0]
-        return cause.split(". ", 1)[0].rstrip(".")
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[-1] if lines else type(err).__name__
+    return read_torch_file(
+        path,
+        str(path),
+        "give a released .pth or a crate-lit .ckpt",
+        "if you trust the file, load it with torch.load(path, weights_only=False) and pass the "
+        "resulting state dict",
+    )
 
 
 def _unwrap(obj: Any) -> Dict[str, Tensor]:

@@ -15,6 +15,10 @@ PYTHON_LOWEST ?= $(PYTHON)
 # test processes: most of the suite's time is single-threaded start-up of CLI subprocesses
 # (about 15 s of imports each), so two processes on two cores take about half the time
 TEST_JOBS ?= 2
+# torch threads per test process (and per command it runs): with one process per core, more
+# threads only oversubscribe the cores (tests/test_training.py: 315 s with torch's default of
+# one per core, 265 s with 1, -n 2 on the 2-core CI machine, one run each)
+TEST_THREADS ?= 1
 
 .DEFAULT_GOAL := help
 .PHONY: help install train test test-fast test-lowest lint format bench clean
@@ -51,10 +55,10 @@ train: install ## train the demo (small CRATE on the built-in shapes dataset, a 
 	$(BIN)/crate-train $(ARGS)
 
 test: install ## run the test suite
-	$(BIN)/python -m pytest -q -n $(TEST_JOBS)
+	OMP_NUM_THREADS=$(TEST_THREADS) $(BIN)/python -m pytest -q -n $(TEST_JOBS)
 
 test-fast: install ## the test suite without the slow end-to-end runs
-	$(BIN)/python -m pytest -q -n $(TEST_JOBS) -m "not slow"
+	OMP_NUM_THREADS=$(TEST_THREADS) $(BIN)/python -m pytest -q -n $(TEST_JOBS) -m "not slow"
 
 # pip has no lowest-version resolution: uv's lowest-direct takes each direct dependency at its
 # floor (torch's CUDA build from PyPI: several GB the first time)

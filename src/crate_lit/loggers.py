@@ -9,11 +9,12 @@ import logging
 import os
 import re
 import warnings
-from typing import List, Set, Union
+from argparse import Namespace
+from typing import Any, Dict, List, Union
 
-from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.loggers.csv_logs import ExperimentWriter
-from lightning.pytorch.loggers.logger import rank_zero_experiment
+import torch
+import yaml
+from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 
 from .runs import atomic_write_text
@@ -25,40 +26,85 @@ def natural_key(name: str) -> List[Union[int, str]]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
-class _AppendingWriter(ExperimentWriter):
-    def _check_log_dir_exists(self) -> None:
-        # Lightning deletes an existing metrics.csv here; a resumed run (ckpt_path=last in the same
-        # folder) appends to it instead, under the header it already has
-        if self._fs.isfile(self.metrics_file_path):
-            with self._fs.open(self.metrics_file_path, "r", newline="") as handle:
-                self.metrics_keys = next(csv.reader(handle), [])
+class AppendingCSVLogger(Logger):
+    """``metrics.csv`` and ``hparams.yaml`` in ``save_dir/name/version`` (the run folder, as
+    Lightning's ``CSVLogger`` lays them out), except that rows already in ``metrics.csv`` are
+    kept: a resumed run appends its own after them, once ``drop_rows_from`` has removed the rows
+    of the steps it trains again. Columns are in natural order, and a header change rewrites the
+    file atomically, so a full disk at that moment loses no row.
 
-    def _record_new_keys(self) -> Set[str]:
-        """Lightning's, in natural order. ``save`` rewrites the file under the new header only when
-        this returns keys, so a header in another order (a file of an earlier, string-sorted run
-        that this one resumes) is reported as changed too: rows follow the new order."""
-        before = list(self.metrics_keys)
-        new_keys = set().union(*self.metrics) - set(before)
-        self.metrics_keys = sorted(set(before) | new_keys, key=natural_key)
-        if self.metrics_keys != before and not new_keys:
-            return set(self.metrics_keys)
-        return new_keys
+    Written on Lightning's public ``Logger`` rather than by subclassing ``CSVLogger``: keeping
+    the earlier rows means replacing what its writer does when it opens the folder (it deletes
+    ``metrics.csv``), and those are private methods."""
 
-    def _rewrite_with_new_header(self, fieldnames: List[str]) -> None:
-        # Lightning's rewrites metrics.csv in place: one moment of a full disk would lose every row
-        with self._fs.open(self.metrics_file_path, "r", newline="") as handle:
-            rows = list(csv.DictReader(handle))
-        text = io.StringIO(newline="")
-        writer = csv.DictWriter(text, fieldnames=fieldnames)
-        writer.writeheader()
-        writer.writerows(rows)
-        atomic_write_text(self.metrics_file_path, text.getvalue())
+    METRICS_FILE = "metrics.csv"
+    HPARAMS_FILE = "hparams.yaml"
 
+    def __init__(self, save_dir: os.PathLike | str, name: str = "", version: str = "") -> None:
+        super().__init__()
+        self._save_dir = os.fspath(save_dir)
+        self._name, self._version = str(name or ""), str(version or "")
+        self._hparams: Dict[str, Any] = {}
+        self._rows: List[Dict[str, Any]] = []
+        self._header: List[str] | None = None  # read from the file when first needed
 
-class AppendingCSVLogger(CSVLogger):
-    """Lightning's ``CSVLogger`` (``metrics.csv`` and ``hparams.yaml`` in the run folder), except
-    that rows already in ``metrics.csv`` are kept: a resumed run appends its own after them, once
-    ``drop_rows_from`` has removed the rows of the steps it trains again."""
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def version(self) -> str:
+        return self._version
+
+    @property
+    def save_dir(self) -> str:
+        return self._save_dir
+
+    @property
+    def log_dir(self) -> str:
+        return os.path.join(self._save_dir, self._name, self._version)
+
+    @property
+    def metrics_path(self) -> str:
+        return os.path.join(self.log_dir, self.METRICS_FILE)
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Dict[str, Any] | Namespace, *args: Any, **kwargs: Any) -> None:
+        self._hparams.update(vars(params) if isinstance(params, Namespace) else params)
+        text = yaml.safe_dump(self._hparams, sort_keys=True)
+        atomic_write_text(os.path.join(_made(self.log_dir), self.HPARAMS_FILE), text)
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Dict[str, Any], step: int | None = None) -> None:
+        row = {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in metrics.items()}
+        row["step"] = len(self._rows) if step is None else step
+        self._rows.append(row)
+
+    @rank_zero_only
+    def save(self) -> None:
+        """Append the rows logged since the last save; under a header with new columns (or one
+        not in natural order: a file of an earlier run this one resumes), rewrite the file."""
+        if not self._rows:
+            return
+        path = self.metrics_path
+        if self._header is None:
+            self._header = _read_header(path)
+        header = sorted(set(self._header).union(*self._rows), key=natural_key)
+        if header != self._header or not os.path.isfile(path):
+            old = _read_rows(path)
+            text = io.StringIO(newline="")
+            writer = csv.DictWriter(text, fieldnames=header)
+            writer.writeheader()
+            writer.writerows(old + self._rows)
+            atomic_write_text(os.path.join(_made(self.log_dir), self.METRICS_FILE), text.getvalue())
+        else:
+            with open(path, "a", newline="") as handle:
+                csv.DictWriter(handle, fieldnames=header).writerows(self._rows)
+        self._header, self._rows = header, []
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        self.save()
 
     @rank_zero_only
     def drop_rows_from(self, step: int) -> None:
@@ -66,28 +112,35 @@ class AppendingCSVLogger(CSVLogger):
         global step ``step`` logs them again. (Every row belongs to the step it was logged at:
         training rows to the step they precede, epoch-end and validation rows, the white-box
         monitor's included, to the epoch's last step.)"""
-        path = os.path.join(self.log_dir, ExperimentWriter.NAME_METRICS_FILE)
-        if not os.path.isfile(path):
-            return
-        with open(path, newline="") as handle:
-            reader = csv.DictReader(handle)
-            fields, rows = reader.fieldnames or [], list(reader)
+        path = self.metrics_path
+        rows = _read_rows(path)
         kept = [row for row in rows if not row.get("step") or int(float(row["step"])) < step]
         if len(kept) == len(rows):
             return
         text = io.StringIO(newline="")
-        writer = csv.DictWriter(text, fieldnames=fields)
+        writer = csv.DictWriter(text, fieldnames=_read_header(path))
         writer.writeheader()
         writer.writerows(kept)
         atomic_write_text(path, text.getvalue())
 
-    @property
-    @rank_zero_experiment
-    def experiment(self) -> ExperimentWriter:
-        if self._experiment is None:
-            self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _AppendingWriter(log_dir=self.log_dir)
-        return self._experiment
+
+def _made(folder: str) -> str:
+    os.makedirs(folder, exist_ok=True)
+    return folder
+
+
+def _read_header(path: str) -> List[str]:
+    if not os.path.isfile(path):
+        return []
+    with open(path, newline="") as handle:
+        return next(csv.reader(handle), [])
+
+
+def _read_rows(path: str) -> List[Dict[str, str]]:
+    if not os.path.isfile(path):
+        return []
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
 
 
 # the advert Lightning logs whenever a Trainer is built without its own cloud logger

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Dict, List
 
 import lightning as L
 import torch
 
+from .loggers import AppendingCSVLogger
 from .runs import pasteable
 
 
 def metrics_file(loggers: List[Any]) -> str | None:
     for logger in loggers:
-        if isinstance(logger, L.pytorch.loggers.CSVLogger):
-            return os.path.join(logger.log_dir, "metrics.csv")
+        if isinstance(logger, AppendingCSVLogger):
+            return logger.metrics_path
     return None
 
 

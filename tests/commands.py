@@ -47,7 +47,7 @@ FRESH = os.environ.get("CRATE_LIT_TEST_FRESH") == "1"
 # child's pid, then its exit status) go out on a descriptor of their own, since the children's
 # stdout and stderr are files
 _ZYGOTE = r"""
-import importlib.metadata, json, os, sys, threading
+import atexit, importlib.metadata, json, os, sys, threading
 import crate_lit.analyze, crate_lit.bench, crate_lit.pack, crate_lit.train
 replies = os.fdopen(os.dup(1), "w", buffering=1)
 devnull = os.open(os.devnull, os.O_RDWR)
@@ -72,10 +72,27 @@ for line in sys.stdin:
         # the script's folder first, then PYTHONPATH's: the path a fresh interpreter starts with
         extra = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
         sys.path[:] = [os.path.dirname(sys.argv[0]), *extra, *(p for p in sys.path[1:] if p not in extra)]
-        # the entry point's end is the interpreter's: an exception or SystemExit leaves this loop,
-        # and the exit runs atexit handlers and joins threads (wandb finishes its run there)
-        scripts[os.path.basename(sys.argv[0])].load()()
-        sys.exit(0)
+        code = 0
+        try:
+            scripts[os.path.basename(sys.argv[0])].load()()
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else 0 if stop.code is None else 1
+            if not isinstance(stop.code, (int, type(None))):
+                print(stop.code, file=sys.stderr)
+        except BaseException:
+            sys.excepthook(*sys.exc_info())
+            code = 1
+        # the end of an interpreter, in its order: threading's exit hooks (concurrent.futures stops
+        # its pools there, e.g. inductor's compile workers) and the joins of the threads that are
+        # not daemons, the atexit handlers (wandb finishes its run there), a flush. Not the rest
+        # of a normal exit: tearing down the modules a forked child shares with the zygote writes
+        # to every page of them, and copying those took 2.5 s of each command on the 2-core
+        # machine (0.1 s this way). threading._shutdown is private: the interpreter's own step
+        threading._shutdown()
+        atexit._run_exitfuncs()
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(code)
     replies.write(json.dumps({"pid": pid}) + "\n")
     _, status = os.waitpid(pid, 0)
     replies.write(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}) + "\n")
@@ -141,7 +158,7 @@ _zygote: _Zygote | None = None
 
 
 def start_zygote() -> None:
-    """Start importing in the background (conftest calls this when the session starts)."""
+    """Start the zygote importing, in the background, until the first command needs it."""
     global _zygote
     if _zygote is None and not FRESH:
         _zygote = _Zygote()

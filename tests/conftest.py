@@ -11,6 +11,13 @@ from commands import QUICK, crate_train
 from formats import write_cifar10, write_cifar100, write_imagenet
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # the end-to-end runs (marked slow) first: pytest-xdist deals the first tests out over its
+    # workers, so the long ones run side by side and the short ones fill in at the end, instead
+    # of one worker finishing a long run alone while the other waits
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture
 def imagenet_root(tmp_path: Path) -> Path:
     """3 classes in train and val; odd sizes, JPEG/PNG, a grayscale and a CMYK JPEG, a stray text file."""

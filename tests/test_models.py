@@ -18,7 +18,7 @@ from timm.models import get_notrace_functions, get_notrace_modules
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 from crate_lit.models import Crate, create_model, load_pretrained, to_released_state_dict
-from crate_lit.models.crate import CRATE_CONFIGS
+from crate_lit.models.factory import CLASSIFIER_NAMES
 
 PUBLISHED = {  # spec table: name -> (d, depth, heads, params with 1000 classes)
     "crate_tiny": (384, 12, 6, 6_090_856),
@@ -303,12 +303,19 @@ def timm_fx_model(model):
 # every registered name is one class with another config, so the CPU-sized ones at their own
 # 32 px (the size timm's tests feed them) take the code path of all; one published size at 224 px
 # (about 25 s for the three tests) is kept as a slow case. All ten passed once on 2 CPUs in 7 min.
-TIMM_CASES = ["crate_micro", "crate_mini", pytest.param("crate_tiny", marks=pytest.mark.slow)]
+# CRATE-alpha's CPU-sized ones take its code path (its blocks and patch embedding) likewise.
+TIMM_CASES = [
+    "crate_micro",
+    "crate_mini",
+    "crate_alpha_micro",
+    "crate_alpha_mini",
+    pytest.param("crate_tiny", marks=pytest.mark.slow),
+]
 
 
 def test_timm_lists_every_crate_classifier():
-    assert sorted(TIMM_CRATE) == sorted(CRATE_CONFIGS)
-    assert {"crate_micro", "crate_mini", "crate_tiny"} <= set(TIMM_CRATE)
+    assert sorted(TIMM_CRATE) == sorted(CLASSIFIER_NAMES)
+    assert {"crate_micro", "crate_mini", "crate_tiny", "crate_alpha_base"} <= set(TIMM_CRATE)
 
 
 @pytest.mark.parametrize("name", TIMM_CASES)

@@ -1,6 +1,8 @@
-"""CRATE and CRATE-MAE as plain PyTorch modules; importing registers the classifiers in timm."""
+"""CRATE, CRATE-alpha and CRATE-MAE as plain PyTorch modules; importing registers the
+classifiers in timm."""
 
 from .crate import Crate, CrateBlock, IstaBlock, LayerTrace, SubspaceAttention, WhiteboxTrace
+from .crate_alpha import CrateAlpha, CrateAlphaBlock, OvercompleteIstaBlock
 from .crate_mae import CrateMAE, CrateMAEClassifier
 from .factory import (
     MODEL_NAMES,
@@ -13,6 +15,8 @@ from .factory import (
 
 __all__ = [
     "Crate",
+    "CrateAlpha",
+    "CrateAlphaBlock",
     "CrateBlock",
     "CrateMAE",
     "CrateMAEClassifier",
@@ -21,6 +25,7 @@ __all__ = [
     "LayerTrace",
     "LoadResult",
     "MODEL_NAMES",
+    "OvercompleteIstaBlock",
     "SubspaceAttention",
     "WhiteboxTrace",
     "create_model",

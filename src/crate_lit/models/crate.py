@@ -16,12 +16,12 @@ checkpoint mapping, named constructors.
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import resample_abs_pos_embed, to_2tuple
+from timm.layers import DropPath, resample_abs_pos_embed, to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import Tensor, nn
 
@@ -88,9 +88,17 @@ class PatchTokenizer(nn.Module):
 
 
 class SubspaceAttention(nn.Module):
-    """MSSA: one bias-free projection U serves as query, key and value of every head."""
+    """MSSA: one bias-free projection U serves as query, key and value of every head; the heads'
+    outputs are merged by a Linear layer (with a bias in CRATE, without in CRATE-alpha)."""
 
-    def __init__(self, dim: int, num_heads: int, attn_drop: float = 0.0, proj_drop: float = 0.0):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        proj_bias: bool = True,
+    ) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
@@ -99,7 +107,7 @@ class SubspaceAttention(nn.Module):
         self.scale = self.head_dim**-0.5
         self.subspace = nn.Linear(dim, dim, bias=False)  # U = [U_1 ... U_K]
         self.attn_drop = attn_drop
-        self.proj = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def project(self, x: Tensor) -> Tensor:
@@ -175,7 +183,10 @@ class WhiteboxTrace:
 
 
 class CrateBlock(nn.Module):
-    """Z^{l+1/2} = Z^l + MSSA(LN(Z^l)); Z^{l+1} = ISTA(LN(Z^{l+1/2})), no residual."""
+    """Z^{l+1/2} = Z^l + MSSA(LN(Z^l)); Z^{l+1} = ISTA(LN(Z^{l+1/2})), no residual.
+
+    ``drop_path`` (stochastic depth, for fine-tuning; 0 in the released models) drops the MSSA
+    branch per sample: the ISTA step replaces the stream, so it has no branch to drop."""
 
     def __init__(
         self,
@@ -185,25 +196,34 @@ class CrateBlock(nn.Module):
         lambd: float = 0.1,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
+        drop_path: float = 0.0,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.mssa = SubspaceAttention(dim, num_heads, attn_drop=attn_drop, proj_drop=proj_drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
         self.ista = IstaBlock(dim, step_size=step_size, lambd=lambd)
 
     def forward(self, z: Tensor) -> Tensor:
-        z = z + self.mssa(self.norm1(z))
+        z = z + self.drop_path(self.mssa(self.norm1(z)))
         return self.ista(self.norm2(z))
 
     @torch.jit.ignore
     def forward_trace(self, z: Tensor) -> Tuple[Tensor, LayerTrace]:
-        """Same function as ``forward``, with the explicit attention maps kept."""
+        """Same function as ``forward`` (in eval mode), with the explicit attention maps kept."""
         w = self.mssa.project(self.norm1(z))
         attn = self.mssa.attention(w)
         compressed = z + self.mssa.merge(attn @ w)
         sparse = self.ista(self.norm2(compressed))
         return sparse, LayerTrace(w, attn, compressed, sparse)
+
+
+def drop_path_rates(rate: float, depth: int) -> List[float]:
+    """Stochastic depth per layer: linear from 0 at the first to ``rate`` at the last."""
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"drop_path_rate must be in [0, 1), got {rate}")
+    return [rate * i / max(depth - 1, 1) for i in range(depth)]
 
 
 def take_indices(num_blocks: int, indices: Union[int, List[int], None]) -> Tuple[List[int], int]:
@@ -239,7 +259,11 @@ def resample_pos_embed(pos_embed: Tensor, grid_size: Tuple[int, int], num_prefix
 
 
 class Crate(nn.Module):
-    """CRATE classifier: tokenizer, ``depth`` CRATE layers, pooled token, LN, Linear."""
+    """CRATE classifier: tokenizer, ``depth`` CRATE layers, pooled token, LN, Linear.
+
+    ``embed_layer`` and ``block_fn`` build the tokenizer and the layers (CRATE-alpha passes its
+    own, as timm's ViT variants do); ``drop_path_rate`` is stochastic depth, rising linearly
+    from 0 at the first layer to it at the last (timm's rule)."""
 
     def __init__(
         self,
@@ -256,20 +280,31 @@ class Crate(nn.Module):
         pos_drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
         proj_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        embed_layer: Callable[..., nn.Module] = PatchTokenizer,
+        block_fn: Callable[..., nn.Module] = CrateBlock,
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.global_pool = _pool_name(global_pool)
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.num_prefix_tokens = 1
-        self.patch_embed = PatchTokenizer(img_size, patch_size, in_chans, embed_dim)
+        self.patch_embed = embed_layer(img_size, patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.randn(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.randn(1, self.patch_embed.num_patches + 1, embed_dim))
         self.pos_drop = nn.Dropout(pos_drop_rate)
         self.blocks = nn.Sequential(
             *[
-                CrateBlock(embed_dim, num_heads, step_size, lambd, attn_drop_rate, proj_drop_rate)
-                for _ in range(depth)
+                block_fn(
+                    embed_dim,
+                    num_heads,
+                    step_size=step_size,
+                    lambd=lambd,
+                    attn_drop=attn_drop_rate,
+                    proj_drop=proj_drop_rate,
+                    drop_path=rate,
+                )
+                for rate in drop_path_rates(drop_path_rate, depth)
             ]
         )
         self.head_norm = nn.LayerNorm(embed_dim)

@@ -11,16 +11,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Union
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import crate, crate_mae
+from . import crate, crate_alpha, crate_mae
 from .crate import CRATE_CONFIGS, Crate
+from .crate_alpha import CRATE_ALPHA_CONFIGS, CrateAlpha
 from .crate_mae import CRATE_MAE_CONFIGS, CrateMAE, CrateMAEClassifier
 
 log = logging.getLogger(__name__)
 
-MODEL_NAMES = tuple(CRATE_CONFIGS) + tuple(CRATE_MAE_CONFIGS)
+# each family's size table and the class its named models are
+FAMILIES: Dict[str, tuple] = {
+    "CRATE": (CRATE_CONFIGS, Crate),
+    "CRATE-alpha": (CRATE_ALPHA_CONFIGS, CrateAlpha),
+    "CRATE-MAE": (CRATE_MAE_CONFIGS, CrateMAE),
+}
+MODEL_NAMES = tuple(name for table, _ in FAMILIES.values() for name in table)
+CLASSIFIER_NAMES = tuple(CRATE_CONFIGS) + tuple(CRATE_ALPHA_CONFIGS)
 
 
 class CheckpointMismatchError(ValueError):
@@ -35,14 +44,26 @@ class LoadResult:
     unexpected: List[str] = field(default_factory=list)
     dropped_head: List[str] = field(default_factory=list)
     resampled: List[str] = field(default_factory=list)
+    reinitialised: List[str] = field(default_factory=list)
     released_layout: bool = False
 
 
+def family(name: str) -> str:
+    """``CRATE``, ``CRATE-alpha`` or ``CRATE-MAE``: the family of a named model."""
+    for key, (table, _) in FAMILIES.items():
+        if name in table:
+            return key
+    raise ValueError(f"unknown model {name!r}")
+
+
 def create_model(name: str, **overrides: Any) -> nn.Module:
-    """Build a named model (``crate_tiny`` ... ``crate_large``, ``*_patch8``, ``mae_crate_*``,
-    and the CPU-sized ``crate_mini`` / ``crate_micro``); keyword arguments override its config."""
+    """Build a named model (``crate_tiny`` ... ``crate_large``, ``*_patch8``, ``crate_alpha_*``,
+    ``mae_crate_*``, and the CPU-sized ``*_mini`` / ``*_micro``); keyword arguments override its
+    config."""
     if name in CRATE_CONFIGS:
         return getattr(crate, name)(**overrides)
+    if name in CRATE_ALPHA_CONFIGS:
+        return getattr(crate_alpha, name)(**overrides)
     if name in CRATE_MAE_CONFIGS:
         return CrateMAE(**{**CRATE_MAE_CONFIGS[name], **overrides})
     close = difflib.get_close_matches(name, MODEL_NAMES, n=1)
@@ -120,10 +141,33 @@ def _load_error(err: BaseException) -> str:
     return lines[0].split(". ", 1)[0].rstrip(".") if lines else type(err).__name__
 
 
+def _is_npz(path: Path) -> bool:
+    """Whether ``path`` is a numpy .npz archive (arrays by name; the JAX releases' format), which
+    begins as a torch.save zip archive does."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        names = archive.namelist()
+    return bool(names) and all(name.endswith(".npy") for name in names)
+
+
+def _read_npz(path: Path) -> Dict[str, Tensor]:
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            return {name.removesuffix(".npy"): torch.from_numpy(arrays[name]) for name in arrays.files}
+    except Exception as err:  # a damaged archive fails in zip, numpy or dtype code
+        raise CheckpointMismatchError(
+            f"{path} cannot be read as a .npz of arrays ({_load_error(err)}); it is damaged, or holds "
+            "objects other than arrays"
+        ) from None
+
+
 def _read(source: Union[str, Path]) -> Any:
     path = Path(source).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}; check the path (model.pretrained=...)")
+    if _is_npz(path):
+        return _read_npz(path)
     return read_torch_file(
         path,
         str(path),
@@ -155,14 +199,22 @@ def _unwrap(obj: Any) -> Dict[str, Tensor]:
 
 def _architecture(state: Dict[str, Tensor]) -> tuple[str, int | None, int, int | None]:
     """(family, width, depth, patch size) of a state dict, read from its shapes; released key
-    names are mapped first, so a file of either family is read whichever model it was given to."""
-    state = crate.rename_keys(crate.rename_keys(state, crate.RELEASED_KEYS), crate_mae.RELEASED_KEYS)
-    family = "CRATE-MAE" if any(k.startswith("decoder_blocks.") for k in state) else "CRATE"
+    names are mapped first, so a file of any family is read whichever model it was given to."""
+    if crate_alpha.is_jax_layout(state):
+        state = crate_alpha.from_jax(state)
+    for table in (crate.RELEASED_KEYS, crate_mae.RELEASED_KEYS, crate_alpha.RELEASED_KEYS):
+        state = crate.rename_keys(state, table)
+    proj = state.get("patch_embed.proj.weight")
+    if any(k.startswith("decoder_blocks.") for k in state):
+        family = "CRATE-MAE"
+    elif proj is not None and proj.dim() == 4:  # a convolution without a decoder: CRATE-alpha's stem
+        family = "CRATE-alpha"
+    else:
+        family = "CRATE"
     width = next((int(v.shape[-1]) for k, v in state.items() if k.endswith("cls_token")), None)
     depth = len({k.split(".")[1] for k in state if k.startswith("blocks.") and k.split(".")[1].isdigit()})
-    proj = state.get("patch_embed.proj.weight")
     patch = None
-    if proj is not None and proj.dim() == 4:  # CRATE-MAE: a convolution (width, channels, p, p)
+    if proj is not None and proj.dim() == 4:  # a convolution (width, channels, p, p)
         patch = int(proj.shape[-1])
     elif proj is not None and proj.dim() == 2:  # CRATE: a linear map of flattened RGB patches
         side = round((int(proj.shape[1]) / 3) ** 0.5)
@@ -172,8 +224,9 @@ def _architecture(state: Dict[str, Tensor]) -> tuple[str, int | None, int, int |
 
 def named_config(name: str) -> Dict[str, Any]:
     """The architecture a named model is built with: its size-table entry (``CRATE_CONFIGS``,
-    ``CRATE_MAE_CONFIGS``) over its constructor's defaults (e.g. a patch size the table leaves out)."""
-    table, builder = (CRATE_MAE_CONFIGS, CrateMAE) if name in CRATE_MAE_CONFIGS else (CRATE_CONFIGS, Crate)
+    ``CRATE_ALPHA_CONFIGS``, ``CRATE_MAE_CONFIGS``) over its constructor's defaults (e.g. a
+    patch size the table leaves out)."""
+    table, builder = FAMILIES[family(name)]
     defaults = {key: p.default for key, p in inspect.signature(builder).parameters.items()}
     return {**defaults, **table[name]}
 
@@ -184,9 +237,8 @@ def _describe(arch: tuple) -> str:
 
 
 def _matching(arch: tuple) -> List[str]:
-    family, width, depth, patch = arch
-    table = CRATE_MAE_CONFIGS if family == "CRATE-MAE" else CRATE_CONFIGS
-    configs = {name: named_config(name) for name in table}
+    kind, width, depth, patch = arch
+    configs = {name: named_config(name) for name in FAMILIES[kind][0]}
     return [
         name
         for name, c in configs.items()
@@ -203,9 +255,9 @@ def _fit_hint(model: nn.Module, state: Dict[str, Tensor], misshaped: bool) -> st
     """Which model the checkpoint is for, where that is not ``model``: ``strict=False`` skips
     missing and unexpected keys only, so it cannot help a checkpoint of another size."""
     arch = _architecture(state)
-    family, width, depth, patch = arch
+    _, width, depth, patch = arch
     description = _describe(arch)
-    own = ("CRATE-MAE" if isinstance(model, CrateMAE) else "CRATE", model.embed_dim, len(model.blocks))
+    own = (_family_of(model), model.embed_dim, len(model.blocks))
     if arch[:3] == own and patch in (None, model.patch_embed.patch_size):
         skip = "" if misshaped else "; pass strict=False to skip the missing and unexpected keys"
         return f"It is a {description}, the model's own size{skip}"
@@ -222,6 +274,14 @@ def _fit_hint(model: nn.Module, state: Dict[str, Tensor], misshaped: bool) -> st
     )
 
 
+def _family_of(model: nn.Module) -> str:
+    # the most derived first: CrateAlpha is a Crate
+    for kind in ("CRATE-alpha", "CRATE-MAE", "CRATE"):
+        if isinstance(model, FAMILIES[kind][1]):
+            return kind
+    raise TypeError(f"a crate-lit model is needed, got {type(model).__name__}")
+
+
 def _summary(label: str, keys: List[str], limit: int = 6) -> str:
     shown = ", ".join(keys[:limit]) + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
     return f"{len(keys)} {label} [{shown}]"
@@ -232,8 +292,10 @@ def load_pretrained(
 ) -> LoadResult:
     """Load weights into ``model`` from a file path or a state dict in any released layout
     (bare, under ``state_dict`` or ``model``, with or without ``module.``; crate-lit's own
-    Lightning checkpoints too). Released key names are mapped, the classifier head is
-    dropped when the class count differs, and the position table follows the model's grid.
+    Lightning checkpoints too; CRATE-alpha's JAX .npz too). Released key names are mapped, the
+    classifier head is dropped when the class count differs, the position table follows the
+    model's grid, and a CRATE-alpha patch embedding of another patch size is left to the model's
+    own initialisation (``LoadResult.reinitialised``).
 
     Missing, unexpected or mis-shaped keys raise one :class:`CheckpointMismatchError` that
     lists them; with ``strict=False`` missing and unexpected keys are logged and skipped.
@@ -243,18 +305,30 @@ def load_pretrained(
     if isinstance(model, CrateMAEClassifier):
         return _load_probe(model, state, strict)
     result = LoadResult()
+    found = state  # as the file has it, for naming the model it fits
     before = {k: tuple(v.shape) for k, v in state.items() if k in ("pos_embed", "pos_embedding")}
     if "pos_embedding" in before:
         before["pos_embed"] = before.pop("pos_embedding")
     before.update({k: tuple(v.shape) for k, v in state.items() if k == "decoder_pos_embed"})
     if isinstance(model, Crate):
-        result.released_layout = any(k.startswith(crate.RELEASED_MARKERS) for k in state)
-        state = crate.checkpoint_filter_fn(state, model)
+        alpha = isinstance(model, CrateAlpha)
+        if alpha:
+            result.released_layout = crate_alpha.is_jax_layout(state) or any(
+                m in k for k in state for m in crate_alpha.RELEASED_MARKERS
+            )
+            state = crate_alpha.checkpoint_filter_fn(state, model)
+            if "patch_embed.proj.weight" not in state and "patch_embed.proj.bias" in state:
+                result.reinitialised = ["patch_embed.proj.weight"]  # another patch size
+        else:
+            result.released_layout = any(k.startswith(crate.RELEASED_MARKERS) for k in state)
+            state = crate.checkpoint_filter_fn(state, model)
         head_keys = [k for k in state if k.startswith(("head.", "head_norm."))]
         head = state.get("head.weight")
         if head is not None and (model.num_classes == 0 or head.shape[0] != model.num_classes):
-            # a new task: the released recipe trains a new head, LN included
-            dropped = head_keys if model.num_classes else [k for k in head_keys if k.startswith("head.")]
+            # a new task: CRATE's released recipe trains a new head, LN included; CRATE-alpha's
+            # fine-tuning keeps the LN (its JAX recipe reloads everything but head/kernel and bias)
+            keep_norm = alpha or not model.num_classes
+            dropped = [k for k in head_keys if k.startswith("head.")] if keep_norm else head_keys
             result.dropped_head = sorted(dropped)
             state = {k: v for k, v in state.items() if k not in dropped}
     elif isinstance(model, CrateMAE):
@@ -269,7 +343,9 @@ def load_pretrained(
         for name in ("pos_embed", "decoder_pos_embed")
         if name in before and name in own and before[name] != tuple(own[name].shape)
     ]
-    missing = sorted(k for k in own if k not in state and not _is_new_head(k, result))
+    missing = sorted(
+        k for k in own if k not in state and not _is_new_head(k, result) and k not in result.reinitialised
+    )
     unexpected = sorted(k for k in state if k not in own)
     misshaped = sorted(
         f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
@@ -287,7 +363,7 @@ def load_pretrained(
         label = str(source) if isinstance(source, (str, Path)) else "checkpoint"
         raise CheckpointMismatchError(
             f"{label} does not fit {type(model).__name__}: {'; '.join(problems)}. "
-            f"{_fit_hint(model, state, bool(misshaped))}"
+            f"{_fit_hint(model, found, bool(misshaped))}"
         )
     if missing or unexpected:
         log.warning(
@@ -328,6 +404,8 @@ def _is_new_head(key: str, result: LoadResult) -> bool:
 def to_released_state_dict(model: nn.Module) -> Dict[str, Tensor]:
     """crate-lit weights under the released key names, loadable by the original code."""
     state = model.state_dict()
+    if isinstance(model, CrateAlpha):
+        return crate_alpha.to_released(state)
     if isinstance(model, Crate):
         return crate.to_released(state)
     if isinstance(model, CrateMAE):

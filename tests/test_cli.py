@@ -66,7 +66,7 @@ def test_short_run_writes_checkpoint_metrics_and_summary(tmp_path):
         ("data.batch_size=10", None),  # fine on one device: control case
         ("data.num_classes=40", "num_classes"),
         ("model.pretrained=/nonexistent/ckpt.pth", "checkpoint not found"),
-        ("model.name=mae_crate_micro", "is a CRATE-MAE model"),
+        ("model.name=mae_crate_micro", "model.global_pool is no setting of model mae_crate_micro"),
         ("data.shape_scale=[0.9,0.5]", "shape_scale must be [min, max]"),
     ],
 )

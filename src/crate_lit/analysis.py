@@ -84,8 +84,8 @@ def inherit_data_settings(cfg: DictConfig, raw: Any) -> List[str]:
     return taken
 
 
-def model_config(cfg: DictConfig, raw: Any) -> Tuple[Dict[str, Any], bool]:
-    """The config of the model a checkpoint holds, and whether it is a classifier checkpoint:
+def model_config(cfg: DictConfig, raw: Any) -> Tuple[Dict[str, Any], Optional[str]]:
+    """The config of the model a checkpoint holds, and the head of a classifier checkpoint:
     crate-lit checkpoints name their model in their hyper-parameters; for a released file,
     ``model=NAME`` (e.g. ``model=crate_small``) says which to build."""
     path = Path(str(cfg.ckpt_path)).expanduser()
@@ -96,9 +96,13 @@ def model_config(cfg: DictConfig, raw: Any) -> Tuple[Dict[str, Any], bool]:
             raise ConfigError(f"{path} does not name its model; add model=NAME (e.g. model=crate_small)")
         model_cfg = to_container(cfg.model)
     # A classification checkpoint (CrateClassifier's hyper-parameters include label_smoothing)
-    # of a CRATE-MAE model holds the encoder inside CrateMAEClassifier (the linear probe), not
-    # the bare CrateMAE that pre-training checkpoints and released files hold.
-    return {**model_cfg, "pretrained": None}, "label_smoothing" in hparams
+    # of a CRATE-MAE model holds the encoder inside CrateMAEClassifier, with the linear probe's
+    # head or MAE fine-tuning's, not the bare CrateMAE that pre-training checkpoints and released
+    # files hold.
+    head = None
+    if "label_smoothing" in hparams:
+        head = "linear_probe" if hparams.get("linear_probe") else "classify"
+    return {**model_cfg, "pretrained": None}, head
 
 
 def trained_grid(raw: Any) -> Optional[int]:
@@ -145,11 +149,11 @@ def choose_image_size(
     ]
 
 
-def load_model(model_cfg: Dict[str, Any], classifier: bool, raw: Any, image_size: int) -> torch.nn.Module:
+def load_model(model_cfg: Dict[str, Any], head: Optional[str], raw: Any, image_size: int) -> torch.nn.Module:
     """The model of ``model_cfg`` at ``image_size`` (the images it is given) with the weights
-    of ``raw``."""
-    build = build_classifier if classifier else build_model
-    model = build({**model_cfg, "img_size": image_size})
+    of ``raw``; ``head``: the classifier task it was trained for (``model_config``), if any."""
+    config = {**model_cfg, "img_size": image_size}
+    model = build_model(config) if head is None else build_classifier(config, head == "linear_probe")
     load_pretrained(model, raw)
     return model.eval()
 
@@ -185,10 +189,10 @@ def load(cfg: DictConfig) -> Loaded:
         if cfg.task not in ("whitebox", "knn"):
             raise ConfigError(f"unknown task {cfg.task!r}; choose whitebox or knn")
         raw = load_checkpoint(cfg)
-        model_cfg, classifier = model_config(cfg, raw)
+        model_cfg, head = model_config(cfg, raw)
         inherit_data_settings(cfg, raw)
         trained_size, notes = choose_image_size(cfg, model_cfg, raw)
-        model = load_model(model_cfg, classifier, raw, int(cfg.data.image_size))
+        model = load_model(model_cfg, head, raw, int(cfg.data.image_size))
         datamodule = build_datamodule(cfg)
     except USER_ERRORS as err:
         raise ConfigError(error_line(err)) from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import lightning as L
@@ -31,19 +32,29 @@ def build_model(cfg: Mapping[str, Any]) -> torch.nn.Module:
     """A model from its config group: ``name`` plus constructor overrides; a ``pretrained``
     checkpoint (released or crate-lit) is loaded with the head replaced when classes differ."""
     overrides = {k: v for k, v in cfg.items() if k not in _MODEL_META_KEYS and v is not None}
-    model = create_model(cfg["name"], **overrides)
+    try:
+        model = create_model(cfg["name"], **overrides)
+    except TypeError as err:
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(err))
+        if unknown is None:
+            raise
+        raise TypeError(
+            f"model.{unknown.group(1)} is no setting of model {cfg['name']}; a model of another family "
+            f"is chosen with the group (model={cfg['name']}), not with model.name="
+        ) from None
     if cfg.get("pretrained"):
         result = load_pretrained(model, cfg["pretrained"])
         log.info("loaded %s (new head: %s)", cfg["pretrained"], bool(result.dropped_head))
     return model
 
 
-def build_classifier(cfg: Mapping[str, Any]) -> torch.nn.Module:
-    """``build_model`` for classification: a CRATE-MAE model becomes its encoder with the
-    linear-probe head (``CrateMAEClassifier``)."""
+def build_classifier(cfg: Mapping[str, Any], linear_probe: bool = False) -> torch.nn.Module:
+    """``build_model`` for classification: a CRATE-MAE model becomes its encoder with a head
+    (``CrateMAEClassifier``): the MAE recipe's linear probe, or its fine-tuning head."""
     if not is_mae(cfg["name"]):
         return build_model(cfg)
-    classifier = CrateMAEClassifier(build_model({**cfg, "pretrained": None}), int(cfg["num_classes"]))
+    encoder = build_model({**cfg, "pretrained": None})
+    classifier = CrateMAEClassifier(encoder, int(cfg["num_classes"]), probe=linear_probe)
     if cfg.get("pretrained"):
         load_pretrained(classifier, cfg["pretrained"])
         log.info("loaded %s into the encoder", cfg["pretrained"])
@@ -98,7 +109,8 @@ class ScheduledModule(L.LightningModule):
 class CrateClassifier(ScheduledModule):
     """Image classification: cross-entropy with label smoothing, top-1/top-5 accuracy,
     optimizer and per-step schedule from config. ``linear_probe`` freezes everything but a
-    new classifier head, and keeps the frozen part in eval mode."""
+    new classifier head, and keeps the frozen part in eval mode. A CRATE-MAE model is its
+    encoder with a new head: the linear probe's, or fine-tuned whole (MAE's fine-tuning)."""
 
     def __init__(
         self,
@@ -111,7 +123,7 @@ class CrateClassifier(ScheduledModule):
         super().__init__()
         # plain containers only, so checkpoints load under torch.load(weights_only=True)
         self.save_hyperparameters(logger=False)
-        self.model = build_classifier(model)
+        self.model = build_classifier(model, linear_probe)
         num_classes = self.model.num_classes
         if linear_probe:
             self.model.requires_grad_(False)

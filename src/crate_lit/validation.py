@@ -80,12 +80,6 @@ def validate(cfg: DictConfig) -> None:
     task, model = cfg.get("task"), str(OmegaConf.select(cfg, "model.name"))
     if task not in TASKS:
         raise ConfigError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-    if task == "classify" and is_mae(model):
-        raise ConfigError(
-            f"model={model} is a CRATE-MAE model, which has no classifier; for task=classify choose a "
-            "CRATE classifier (e.g. model=crate_tiny), or pre-train it with task=mae "
-            "(experiment=mae_pretrain) or probe its encoder with experiment=linear_probe"
-        )
     if cfg.get("ema_decay") is not None:  # the callbacks group's ema entry takes it
         check_ema_decay(cfg.ema_decay)
     ratio = cfg.get("mask_ratio")

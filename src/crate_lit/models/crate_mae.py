@@ -16,7 +16,14 @@ import torch.nn.functional as F
 from timm.layers import to_2tuple
 from torch import Tensor, nn
 
-from .crate import CrateBlock, SubspaceAttention, WhiteboxTrace, patch_grid, rename_keys
+from .crate import (
+    CrateBlock,
+    SubspaceAttention,
+    WhiteboxTrace,
+    drop_path_rates,
+    patch_grid,
+    rename_keys,
+)
 
 __all__ = [
     "ConvPatchEmbed",
@@ -103,6 +110,7 @@ class CrateMAE(nn.Module):
         lambd: float = 0.5,
         norm_pix_loss: bool = False,
         num_classes: int = 0,
+        drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
         del num_classes  # accepted so configs can share keys with classifiers; MAE has no head
@@ -120,8 +128,12 @@ class CrateMAE(nn.Module):
         self.pos_embed = nn.Parameter(sincos_pos_embed_2d(embed_dim, grid), requires_grad=False)
         self.decoder_pos_embed = nn.Parameter(sincos_pos_embed_2d(embed_dim, grid), requires_grad=False)
         assert self.pos_embed.shape[1] == num_tokens
+        # stochastic depth in the encoder only, for fine-tuning it (0 in pre-training, as released)
         self.blocks = nn.ModuleList(
-            [CrateBlock(embed_dim, num_heads, step_size, lambd) for _ in range(depth)]
+            [
+                CrateBlock(embed_dim, num_heads, step_size, lambd, drop_path=rate)
+                for rate in drop_path_rates(drop_path_rate, depth)
+            ]
         )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         # unused in the released forward pass; kept so released files round-trip
@@ -259,14 +271,17 @@ class CrateMAE(nn.Module):
 
 
 class CrateMAEClassifier(nn.Module):
-    """A classifier on a CRATE-MAE encoder, the linear probe of the MAE recipe: the class token
-    of the unmasked encoder output (after its final LayerNorm), BatchNorm without affine
-    parameters, then a Linear layer. The decoder stays in ``encoder`` so that MAE checkpoints
-    load unchanged, frozen because nothing flows through it (DDP would report it unused)."""
+    """A classifier on a CRATE-MAE encoder: the class token of the unmasked encoder output (after
+    its final LayerNorm) into a head. With ``probe`` the head is the MAE recipe's linear probe,
+    BatchNorm without affine parameters then a Linear layer; without, the head of MAE's
+    fine-tuning (with its ``--cls_token`` option), one Linear layer initialised at std 2e-5. The
+    decoder stays in ``encoder`` so that MAE checkpoints load unchanged, frozen because nothing
+    flows through it (DDP would report it unused)."""
 
-    def __init__(self, encoder: CrateMAE, num_classes: int) -> None:
+    def __init__(self, encoder: CrateMAE, num_classes: int, probe: bool = True) -> None:
         super().__init__()
         self.encoder = encoder
+        self.probe = probe
         self.num_features = self.embed_dim = encoder.embed_dim
         for part in (
             encoder.decoder_embed,
@@ -281,13 +296,30 @@ class CrateMAEClassifier(nn.Module):
     def reset_classifier(self, num_classes: int) -> None:
         self.num_classes = num_classes
         linear = nn.Linear(self.embed_dim, num_classes)
-        nn.init.trunc_normal_(linear.weight, std=0.01)  # the MAE linear-probe initialisation
+        # the MAE recipe's initialisations: linear probe, fine-tuning
+        nn.init.trunc_normal_(linear.weight, std=0.01 if self.probe else 2e-5)
         nn.init.zeros_(linear.bias)
-        self.head = nn.Sequential(nn.BatchNorm1d(self.embed_dim, affine=False, eps=1e-6), linear)
+        if self.probe:
+            self.head = nn.Sequential(nn.BatchNorm1d(self.embed_dim, affine=False, eps=1e-6), linear)
+        else:
+            self.head = linear
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        return {f"encoder.{name}" for name in self.encoder.no_weight_decay()}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """timm's layer groups (layer-wise learning-rate decay): the embedding, each encoder
+        layer, then the final norm and the head."""
+        return dict(
+            stem=r"^encoder\.(cls_token|mask_token|pos_embed|patch_embed)",
+            blocks=[(r"^encoder\.blocks\.(\d+)", None)],
+        )
 
     def forward_features(self, imgs: Tensor) -> Tensor:
         return self.encoder.forward_features(imgs)

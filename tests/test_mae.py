@@ -350,3 +350,43 @@ def _one_epoch_of_one_batch(module, datamodule, callback, folder) -> None:
         enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(folder),
     )  # fmt: skip
     trainer.fit(module, datamodule=datamodule)
+
+
+def test_visible_only_encoding_sees_the_visible_patches_and_not_the_mask_token():
+    """encode_visible_only (off by default: the released model encodes every position): block 0
+    gets the class token and the kept patches only, so the encoded visible tokens do not depend
+    on the mask token, which in the released way they do (it is attended to); the loss is over
+    the same masked patches and trains."""
+    torch.manual_seed(0)
+    released = create_model("mae_crate_micro").eval()
+    assert released.encode_visible_only is False
+    visible = create_model("mae_crate_micro", encode_visible_only=True).eval()
+    visible.load_state_dict(released.state_dict())
+    imgs, noise = torch.rand(3, 3, 32, 32), torch.rand(3, 16)
+    lengths = []
+    visible.blocks[0].register_forward_hook(lambda module, args, out: lengths.append(args[0].shape[1]))
+    latent, mask = visible.forward_encoder(imgs, 0.75, noise)
+    assert lengths == [1 + 4] and latent.shape == (3, 17, 32)
+    torch.testing.assert_close(mask, released.forward_encoder(imgs, 0.75, noise)[1])
+    kept = torch.cat([torch.ones(3, 1, dtype=torch.bool), ~mask.bool()], 1)
+    for model, independent in ((visible, True), (released, False)):
+        before = model.forward_encoder(imgs, 0.75, noise)[0][kept]
+        with torch.no_grad():
+            model.mask_token.add_(1.0)
+        after = model.forward_encoder(imgs, 0.75, noise)[0][kept]
+        assert torch.allclose(before, after) == independent
+    loss, pred, _ = visible.train()(imgs, 0.75, noise)
+    loss.backward()
+    assert torch.isfinite(loss) and pred.shape == (3, 16, 192)
+    assert visible.blocks[0].mssa.subspace.weight.grad is not None
+    # mask_ratio 0 (the features analyses use) encodes everything either way
+    torch.testing.assert_close(visible.eval().forward_features(imgs), released.forward_features(imgs))
+
+
+def test_the_loss_over_masked_patches_is_the_released_branch_as_one_expression():
+    model = create_model("mae_crate_micro")
+    imgs, pred = torch.rand(2, 3, 32, 32), torch.rand(2, 16, 192)
+    per_patch = ((pred - model.patchify(imgs)) ** 2).mean(-1)
+    mask = (torch.rand(2, 16) < 0.5).float()
+    torch.testing.assert_close(model.forward_loss(imgs, pred, mask), (per_patch * mask).sum() / mask.sum())
+    torch.testing.assert_close(model.forward_loss(imgs, pred, torch.zeros(2, 16)), per_patch.mean())

@@ -406,3 +406,26 @@ def test_torch_compile_matches_eager_and_trains():
     loss.backward()
     assert model.blocks[0].ista.dictionary.grad is not None
     assert torch.isfinite(model.blocks[0].ista.dictionary.grad).all()
+
+
+@pytest.mark.parametrize(
+    "name,kwargs", [("crate_micro", {}), ("crate_alpha_micro", {}), ("mae_crate_micro", {}),
+                    ("mae_crate_micro", {"encode_visible_only": True})],
+)  # fmt: skip
+def test_the_training_forward_and_loss_is_one_graph(name, kwargs):
+    """What compile=true compiles traces whole: a graph break would split every training step
+    in two graphs with a device-to-host wait between them."""
+    torch._dynamo.reset()
+    model = create_model(name, **kwargs).train()
+    images = torch.randn(4, 3, 32, 32)
+    if name.startswith("mae_"):
+        explained = torch._dynamo.explain(lambda x, noise: model(x, 0.75, noise)[0])(
+            images, torch.rand(4, 16)
+        )
+    else:
+        labels = torch.tensor([0, 1, 2, 3])
+        explained = torch._dynamo.explain(lambda x: F.cross_entropy(model(x), labels, label_smoothing=0.1))(
+            images
+        )
+    assert explained.graph_break_count == 0, [str(reason.reason) for reason in explained.break_reasons]
+    assert explained.graph_count == 1

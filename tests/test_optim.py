@@ -146,3 +146,59 @@ def test_weight_decay_only_on_matrices(name):
     assert isinstance(
         optimizer, {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}.get(name, torch.optim.Optimizer)
     )
+
+
+def _decayed(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> set[str]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+
+
+def test_the_decay_rules_choose_the_parameters_weight_decay_applies_to():
+    from crate_lit.models import create_model
+
+    model = create_model("crate_alpha_micro")
+    args = {"name": "adamw", "lr": 1e-3, "weight_decay": 0.1}
+    decayed = {
+        rule: _decayed(build_optimizer(model, {**args, "decayed": rule}), model)
+        for rule in ("matrices", "model", "layer_weights")
+    }
+    two_d = {n for n, p in model.named_parameters() if p.ndim >= 2}
+    assert decayed["matrices"] == two_d  # the class token (1, 1, d) and position table too
+    assert decayed["model"] == two_d - {"cls_token", "pos_embed"}
+    # big_vision's ".*/kernel": Linear and convolution weights, not the dictionaries D and D1
+    assert decayed["layer_weights"] == {
+        "patch_embed.proj.weight", "head.weight",
+        *(f"blocks.{i}.mssa.{w}.weight" for i in range(2) for w in ("subspace", "proj")),
+    }  # fmt: skip
+    with pytest.raises(ValueError, match="unknown optimizer.decayed 'kernels'"):
+        build_optimizer(model, {"name": "adamw", "lr": 1e-3, "weight_decay": 0.1, "decayed": "kernels"})
+
+
+def test_layer_decay_gives_each_layer_its_rate_and_the_schedule_scales_them_all():
+    """MAE fine-tuning's rule on a 2-layer encoder with layer_decay 0.5: the head at the peak,
+    layer 2 at half, layer 1 at a quarter, the embedding at an eighth; each group then follows
+    the warm-up + cosine of a real Trainer run at its own scale."""
+    from crate_lit.models import create_model
+    from crate_lit.models.crate_mae import CrateMAEClassifier
+
+    model = CrateMAEClassifier(create_model("mae_crate_micro"), 10, probe=False)
+    args = {"name": "adamw", "lr": 1e-3, "weight_decay": 0.05, "layer_decay": 0.5, "decayed": "model"}
+    optimizer = build_optimizer(model, args)
+    names = {id(p): n for n, p in model.named_parameters()}
+    rate = {names[id(p)]: g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    assert rate["head.weight"] == rate["encoder.norm.weight"] == pytest.approx(1e-3)
+    assert rate["encoder.blocks.1.ista.dictionary"] == pytest.approx(5e-4)
+    assert rate["encoder.blocks.0.mssa.subspace.weight"] == pytest.approx(2.5e-4)
+    assert rate["encoder.patch_embed.proj.weight"] == rate["encoder.cls_token"] == pytest.approx(1.25e-4)
+    assert not any(n.startswith("encoder.decoder") for n in rate)  # frozen: not optimised
+    assert "encoder.cls_token" not in _decayed(optimizer, model)  # MAE's no_weight_decay
+
+    scheduler = build_scheduler(
+        optimizer, {"name": "warmup_cosine", "warmup_epochs": 1, "min_lr_ratio": 0.0}, 8, 4
+    )
+    for _ in range(5):
+        optimizer.step()
+        scheduler.step()
+    peak = [g["initial_lr"] for g in optimizer.param_groups]
+    ratios = {round(g["lr"] / base, 12) for g, base in zip(optimizer.param_groups, peak, strict=True)}
+    assert len(ratios) == 1 and 0 < ratios.pop() < 1  # one schedule, every layer at its own scale

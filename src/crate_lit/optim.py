@@ -5,27 +5,74 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Dict, List, Mapping
 
 import torch
-from timm.optim import Lion, param_groups_weight_decay
+from timm.optim import Lion, param_groups_layer_decay, param_groups_weight_decay
 from torch import nn
 
 log = logging.getLogger(__name__)
 
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "lion": Lion, "sgd": torch.optim.SGD}
+# which parameters weight decay applies to (conf/optimizer/_optimizer.yaml says what each means)
+DECAY_RULES = ("matrices", "model", "layer_weights")
 # each schedule's config keys besides ``name``: conf/scheduler/<name>.yaml has exactly these
 SCHEDULES = {"warmup_cosine": ("warmup_epochs", "min_lr_ratio"), "constant": ("warmup_epochs",)}
 
 
+def no_decay_names(model: nn.Module, rule: str) -> List[str]:
+    """The parameters of two or more dimensions that weight decay leaves alone under ``rule``
+    (those of fewer dimensions never decay)."""
+    if rule not in DECAY_RULES:
+        raise ValueError(f"unknown optimizer.decayed {rule!r}; choose one of {', '.join(DECAY_RULES)}")
+    if rule == "matrices":
+        return []
+    if rule == "model":
+        return sorted(getattr(model, "no_weight_decay", set)())
+    layers = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    weights = {id(m.weight) for m in model.modules() if isinstance(m, layers)}
+    return [name for name, p in model.named_parameters() if id(p) not in weights]
+
+
+def param_groups(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    decayed: str = "matrices",
+    layer_decay: float | None = None,
+) -> List[Dict[str, Any]]:
+    """The trainable parameters in groups of one weight decay (``decayed``: which parameters it
+    applies to) and, with ``layer_decay``, one learning rate per layer (timm's layer grouping,
+    the model's ``group_matcher``: its embedding first, its head last)."""
+    skip = no_decay_names(model, decayed)
+    if layer_decay is None:
+        return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=skip)
+    if not 0.0 < layer_decay <= 1.0:
+        raise ValueError(f"optimizer.layer_decay must be in (0, 1] or null, got {layer_decay}")
+    groups = param_groups_layer_decay(
+        model, weight_decay=weight_decay, no_weight_decay_list=skip, layer_decay=layer_decay
+    )
+    # timm's schedulers apply lr_scale; the schedule here (LambdaLR) scales each group's own rate
+    return [
+        {**{k: v for k, v in group.items() if k != "lr_scale"}, "lr": lr * group["lr_scale"]}
+        for group in groups
+    ]
+
+
 def build_optimizer(model: nn.Module, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
-    """``cfg``: ``name`` (adamw, lion, sgd), ``lr``, ``weight_decay`` and the optimizer's own
-    arguments. Weight decay applies only to parameters of two or more dimensions."""
+    """``cfg``: ``name`` (adamw, lion, sgd), ``lr``, ``weight_decay``, ``decayed`` and
+    ``layer_decay`` (:func:`param_groups`), and the optimizer's own arguments."""
     args = dict(cfg)
     name = args.pop("name", None)
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer.name {name!r}; choose one of {', '.join(OPTIMIZERS)}")
-    groups = param_groups_weight_decay(model, args.pop("weight_decay", 0.0))
+    groups = param_groups(
+        model,
+        args["lr"],
+        args.pop("weight_decay", 0.0),
+        args.pop("decayed", "matrices"),
+        args.pop("layer_decay", None),
+    )
     if "betas" in args:
         args["betas"] = tuple(args["betas"])
     try:

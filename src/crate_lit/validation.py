@@ -15,7 +15,7 @@ from omegaconf.errors import OmegaConfBaseException
 from .callbacks import check_ema_decay
 from .data import DATAMODULES
 from .modules import TASKS, is_mae
-from .optim import OPTIMIZERS, SCHEDULES
+from .optim import DECAY_RULES, OPTIMIZERS, SCHEDULES
 
 log = logging.getLogger("crate_lit.train")
 
@@ -75,6 +75,16 @@ def validate(cfg: DictConfig) -> None:
                 f"unknown {group}.name {OmegaConf.select(cfg, f'{group}.name')!r}; "
                 f"choose one of {', '.join(names)}"
             )
+    decayed = OmegaConf.select(cfg, "optimizer.decayed")
+    layer_decay = OmegaConf.select(cfg, "optimizer.layer_decay")
+    if decayed is not None and decayed not in DECAY_RULES:
+        raise ConfigError(f"unknown optimizer.decayed {decayed!r}; choose one of {', '.join(DECAY_RULES)}")
+    if layer_decay is not None and not (
+        isinstance(layer_decay, (int, float)) and not isinstance(layer_decay, bool) and 0 < layer_decay <= 1
+    ):
+        raise ConfigError(
+            f"optimizer.layer_decay must be null or a number in (0, 1] (e.g. 0.65), got {layer_decay!r}"
+        )
     if cfg.data.name not in DATAMODULES:
         raise ConfigError(f"unknown data.name {cfg.data.name!r}; choose one of {', '.join(DATAMODULES)}")
     task, model = cfg.get("task"), str(OmegaConf.select(cfg, "model.name"))

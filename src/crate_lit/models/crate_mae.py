@@ -111,12 +111,14 @@ class CrateMAE(nn.Module):
         norm_pix_loss: bool = False,
         num_classes: int = 0,
         drop_path_rate: float = 0.0,
+        encode_visible_only: bool = False,
     ) -> None:
         super().__init__()
         del num_classes  # accepted so configs can share keys with classifiers; MAE has no head
         self.in_chans = in_chans
         self.embed_dim = self.num_features = embed_dim
         self.norm_pix_loss = norm_pix_loss
+        self.encode_visible_only = encode_visible_only
         self.patch_embed = ConvPatchEmbed(img_size, patch_size, in_chans, embed_dim)
         grid = self.patch_embed.grid_size
         num_tokens = self.patch_embed.num_patches + 1
@@ -204,11 +206,37 @@ class CrateMAE(nn.Module):
         self, imgs: Tensor, mask_ratio: float = 0.75, noise: Optional[Tensor] = None
     ) -> Tuple[Tensor, Tensor]:
         """Returns the encoded sequence (B, 1 + L, d) after the final LN, and the mask."""
+        if self.encode_visible_only and mask_ratio > 0:
+            return self._encode_visible(imgs, mask_ratio, noise)
         mask = self.random_masking(imgs.shape[0], mask_ratio, noise, imgs.device)
         x = self._encoder_input(imgs, mask)
         for block in self.blocks:
             x = block(x)
         return self.norm(x), mask
+
+    def _encode_visible(
+        self, imgs: Tensor, mask_ratio: float, noise: Optional[Tensor]
+    ) -> Tuple[Tensor, Tensor]:
+        """``encode_visible_only``, as FAIR's MAE encodes: the encoder sees the class token and the
+        visible patches only (1 + L (1 - ratio) tokens, a quarter of the work at 0.75), each with
+        its row of the sine-cosine table; the removed positions of the sequence the decoder gets
+        hold the mask token with its row, through the final LN. NOT the released CRATE-MAE,
+        whose encoder sees every position (mask tokens included): another function of the
+        weights, so a model trained one way is not the other."""
+        b = imgs.shape[0]
+        if noise is None:
+            noise = torch.rand(b, self.patch_embed.num_patches, device=imgs.device)
+        mask = self.random_masking(b, mask_ratio, noise)
+        keep = torch.argsort(noise, dim=1)[:, : int(self.patch_embed.num_patches * (1 - mask_ratio))]
+        table = self.decoder_pos_embed.to(imgs.dtype)
+        patches = self.patch_embed(imgs) + table[:, 1:]
+        index = keep.unsqueeze(-1).expand(-1, -1, patches.shape[-1])
+        x = torch.cat([(self.cls_token + table[:, :1]).expand(b, -1, -1), patches.gather(1, index)], dim=1)
+        for block in self.blocks:
+            x = block(x)
+        x = self.norm(x)
+        filler = self.norm(self.mask_token + table[:, 1:]).expand(b, -1, -1)
+        return torch.cat([x[:, :1], filler.scatter(1, index, x[:, 1:])], dim=1), mask
 
     def forward_decoder(self, latent: Tensor) -> Tensor:
         x = latent
@@ -224,9 +252,9 @@ class CrateMAE(nn.Module):
             target = (target - mean) / (var + 1.0e-6) ** 0.5
         per_patch = (pred - target).pow(2).mean(dim=-1)
         masked = mask.sum()
-        if bool(masked == 0):
-            return per_patch.mean()
-        return (per_patch * mask).sum() / masked
+        # a select rather than a Python branch on ``masked``: reading a tensor's value would
+        # split a torch.compile graph in two (and wait for the GPU)
+        return torch.where(masked > 0, (per_patch * mask).sum() / masked.clamp(min=1), per_patch.mean())
 
     def forward(
         self, imgs: Tensor, mask_ratio: float = 0.75, noise: Optional[Tensor] = None
@@ -317,7 +345,7 @@ class CrateMAEClassifier(nn.Module):
         """timm's layer groups (layer-wise learning-rate decay): the embedding, each encoder
         layer, then the final norm and the head."""
         return dict(
-            stem=r"^encoder\.(cls_token|mask_token|pos_embed|patch_embed)",
+            stem=r"^encoder\.(?:cls_token|mask_token|pos_embed|patch_embed)",
             blocks=[(r"^encoder\.blocks\.(\d+)", None)],
         )
 

@@ -8,6 +8,7 @@ explicit per-head softmax attention, LayerNorm eps 1e-6 inside the layers and 1e
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -249,3 +250,32 @@ def test_every_size_table_entry_builds():
         assert model.embed_dim == config["embed_dim"] and len(model.blocks) == config["depth"]
         assert model.patch_embed.patch_size == config.get("patch_size", 16), name
         assert math.isclose(model.blocks[0].mssa.scale, (config["embed_dim"] // config["num_heads"]) ** -0.5)
+
+
+@pytest.mark.slow
+def test_trains_with_the_live_monitor_and_is_analysed_from_its_run_and_released_files(tmp_path):
+    """crate-train on CRATE-alpha logs the white-box monitor's numbers, whose sparsity is that of
+    the code A2; crate-analyze reads the run's checkpoint and a released .npz (model= named)."""
+    from commands import QUICK, metric_rows, run_command
+
+    args = [a for a in QUICK if not a.startswith(("model=", "trainer.max_epochs"))]
+    train = run_command(
+        "crate-train", "model=crate_alpha_micro", *args, "trainer.max_epochs=1",
+        f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
+    )  # fmt: skip
+    assert train.returncode == 0, train.stderr[-3000:]
+    (row,) = [r for r in metric_rows(tmp_path / "run") if r.get("whitebox/sparsity_l2")]
+    assert 0.0 < float(row["whitebox/sparsity_l2"]) < 1.0 and float(row["whitebox/coding_rate_l1"]) > 0
+
+    model = create_model("crate_alpha_micro")
+    np.savez(tmp_path / "released.npz", **{"params/" + k: v for k, v in _as_jax(released(model), 2).items()})
+    for source, extra in (("run/checkpoints/last.ckpt", []), ("released.npz", ["model=crate_alpha_micro"])):
+        out = tmp_path / source.split("/")[0].replace(".", "_")
+        proc = run_command(
+            "crate-analyze", f"ckpt_path={tmp_path / source}", *extra, "num_images=16", "data.image_size=32",
+            f"hydra.run.dir={out}", cwd=tmp_path,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        report = json.loads((out / "report.json").read_text())
+        assert report["model"] == "crate_alpha_micro" and report["model_class"] == "CrateAlpha"
+        assert len(report["layerwise"]) == 2 and 0.0 <= report["layerwise"][0]["sparsity_mean"] <= 1.0

@@ -27,7 +27,7 @@ from .configs import to_container
 from .data import DATAMODULES
 from .models import CrateMAE, CrateMAEClassifier, load_pretrained
 from .models.factory import _unwrap as state_dict_of
-from .models.factory import matching_models
+from .models.factory import family_of, matching_models
 from .modules import build_classifier, build_model
 from .runs import read_checkpoint
 from .validation import USER_ERRORS, ConfigError, error_line
@@ -260,6 +260,7 @@ class Collected:
     shown: torch.Tensor
     layer_index: int
     reconstruction: Optional[Reconstruction]
+    family: str = "CRATE"  # what the sparsity is of: CRATE's ISTA output, CRATE-alpha's code A2
 
 
 @torch.no_grad()
@@ -302,6 +303,7 @@ def collect_whitebox(cfg: DictConfig, model: torch.nn.Module, datamodule: Any) -
         shown=shown,
         layer_index=layer_index,
         reconstruction=reconstruction,
+        family=family_of(model.encoder if isinstance(model, CrateMAEClassifier) else model),
     )
 
 
@@ -433,7 +435,7 @@ def write_whitebox(
         writer = csv.DictWriter(handle, fieldnames=list(stats[0]))
         writer.writeheader()
         writer.writerows(stats)
-    figures.plot_layerwise(stats, out / "layerwise.png")
+    figures.plot_layerwise(stats, out / "layerwise.png", seen.family)
     shown, layer_index = seen.shown, seen.layer_index
     figure_maps = seen.maps[layer_index][: len(shown)]
     # the figure shows exactly the masks that are scored

@@ -108,9 +108,11 @@ def _imshow(ax: Any, data: Any, title: Optional[str] = None, **kwargs: Any) -> N
         ax.set_title(title, fontsize=7)
 
 
-def layerwise_figure(stats: Sequence[Dict[str, float]]) -> Any:
+def layerwise_figure(stats: Sequence[Dict[str, float]], family: str = "CRATE") -> Any:
     """Layer-wise coding rate R^c (mean +- std band) and the non-zero fraction of the ISTA
-    output (normalised ||Z||_0 = 1 - sparsity, +- std), side by side; a matplotlib Figure."""
+    step's sparse code (normalised ||Z||_0 = 1 - sparsity, +- std), side by side; a matplotlib
+    Figure. The code is CRATE's ISTA output Z^{l+1}, CRATE-alpha's A2 (``family``)."""
+    code = "ISTA code $A_2$" if family == "CRATE-alpha" else "ISTA output $Z^{\\ell+1}$"
     fig, axes = _figure(1, 2, panel=3.2, layout="constrained")
     layers = np.array([s.get("layer", i + 1) for i, s in enumerate(stats)], dtype=float)
     curves = [
@@ -124,7 +126,7 @@ def layerwise_figure(stats: Sequence[Dict[str, float]]) -> Any:
         (
             "l0_mean",
             "sparsity_std",
-            "ISTA output $Z^{\\ell+1}$: non-zero fraction\n(lower: sparser)",
+            f"{code}: non-zero fraction\n(lower: sparser)",
             "non-zero fraction (1 - sparsity)",
             "tab:red",
         ),
@@ -139,13 +141,14 @@ def layerwise_figure(stats: Sequence[Dict[str, float]]) -> Any:
         ax.set_ylabel(ylabel)
         ax.set_xticks(layers)
         ax.grid(alpha=0.3)
-    fig.suptitle("Layer-wise compression and sparsity of CRATE (mean $\\pm$ std over images)", fontsize=10)
+    title = f"Layer-wise compression and sparsity of {family} (mean $\\pm$ std over images)"
+    fig.suptitle(title, fontsize=10)
     return fig
 
 
-def plot_layerwise(stats: Sequence[Dict[str, float]], path: PathLike) -> Path:
+def plot_layerwise(stats: Sequence[Dict[str, float]], path: PathLike, family: str = "CRATE") -> Path:
     """:func:`layerwise_figure` saved as a PNG."""
-    return _save(layerwise_figure(stats), path)
+    return _save(layerwise_figure(stats, family), path)
 
 
 def attention_figure(

@@ -26,7 +26,7 @@ from hydra.experimental.callback import Callback
 from lightning.pytorch.plugins import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from .models.factory import CRATE_CONFIGS, CRATE_MAE_CONFIGS, named_config, read_torch_file
+from .models.factory import MODEL_NAMES, named_config, read_weights_file
 
 # files and folders that show a folder already holds a crate-train run
 RUN_MARKERS = (".hydra", "checkpoints", "metrics.csv", "summary.json", "multirun.yaml")
@@ -258,7 +258,7 @@ def _exit_with_error(message: str) -> None:
 
 
 def read_checkpoint(path: os.PathLike | str, resuming: bool = True) -> Dict[str, Any]:
-    """A checkpoint's contents (``read_torch_file``); one that holds objects other than tensors
+    """A checkpoint's contents (``read_weights_file``); one that holds objects other than tensors
     and plain containers (another project's hyper-parameters) is unpickled only to be resumed,
     as Lightning itself would: otherwise (``resuming=False``, e.g. a downloaded file to analyse)
     unpickling arbitrary objects could run code, so such a file is refused."""
@@ -268,7 +268,7 @@ def read_checkpoint(path: os.PathLike | str, resuming: bool = True) -> Dict[str,
     )
     label = f"ckpt_path={pasteable(path)}"
     give = "give a crate-train .ckpt, e.g. ckpt_path=last"
-    checkpoint = read_torch_file(path, label, give, None if resuming else refuse)
+    checkpoint = read_weights_file(path, label, give, None if resuming else refuse)
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{label} holds a {type(checkpoint).__name__}, not a checkpoint")
     return checkpoint
@@ -288,7 +288,7 @@ def model_overrides(model: Mapping[str, Any]) -> str:
     """``model=<name>`` plus the ``model.<key>=<value>`` overrides that its config needs beyond
     the named size (``named_config``: the size table over the constructor's defaults)."""
     name = str(model["name"])
-    table = named_config(name) if name in CRATE_CONFIGS or name in CRATE_MAE_CONFIGS else {}
+    table = named_config(name) if name in MODEL_NAMES else {}
     extra = [
         f"model.{k}={model[k]}" for k in _SHAPE_KEYS if k in model and k in table and model[k] != table[k]
     ]

@@ -151,13 +151,17 @@ def _is_npz(path: Path) -> bool:
     return bool(names) and all(name.endswith(".npy") for name in names)
 
 
-def _read_npz(path: Path) -> Dict[str, Tensor]:
+def read_weights_file(path: Union[str, Path], label: str, give: str, objects: str | None = None) -> Any:
+    """``read_torch_file``, or for a numpy .npz (the JAX releases' format) its arrays as tensors
+    by name (never unpickled: numpy refuses object arrays here)."""
+    if not _is_npz(Path(path)):
+        return read_torch_file(path, label, give, objects)
     try:
         with np.load(path, allow_pickle=False) as arrays:
-            return {name.removesuffix(".npy"): torch.from_numpy(arrays[name]) for name in arrays.files}
+            return {name: torch.from_numpy(arrays[name]) for name in arrays.files}
     except Exception as err:  # a damaged archive fails in zip, numpy or dtype code
         raise CheckpointMismatchError(
-            f"{path} cannot be read as a .npz of arrays ({_load_error(err)}); it is damaged, or holds "
+            f"{label} cannot be read as a .npz of arrays ({_load_error(err)}); it is damaged, or holds "
             "objects other than arrays"
         ) from None
 
@@ -166,9 +170,7 @@ def _read(source: Union[str, Path]) -> Any:
     path = Path(source).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}; check the path (model.pretrained=...)")
-    if _is_npz(path):
-        return _read_npz(path)
-    return read_torch_file(
+    return read_weights_file(
         path,
         str(path),
         "give a released .pth or a crate-lit .ckpt",
@@ -257,7 +259,7 @@ def _fit_hint(model: nn.Module, state: Dict[str, Tensor], misshaped: bool) -> st
     arch = _architecture(state)
     _, width, depth, patch = arch
     description = _describe(arch)
-    own = (_family_of(model), model.embed_dim, len(model.blocks))
+    own = (family_of(model), model.embed_dim, len(model.blocks))
     if arch[:3] == own and patch in (None, model.patch_embed.patch_size):
         skip = "" if misshaped else "; pass strict=False to skip the missing and unexpected keys"
         return f"It is a {description}, the model's own size{skip}"
@@ -274,7 +276,8 @@ def _fit_hint(model: nn.Module, state: Dict[str, Tensor], misshaped: bool) -> st
     )
 
 
-def _family_of(model: nn.Module) -> str:
+def family_of(model: nn.Module) -> str:
+    """``CRATE``, ``CRATE-alpha`` or ``CRATE-MAE``: the family of a crate-lit model."""
     # the most derived first: CrateAlpha is a Crate
     for kind in ("CRATE-alpha", "CRATE-MAE", "CRATE"):
         if isinstance(model, FAMILIES[kind][1]):

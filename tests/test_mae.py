@@ -281,8 +281,8 @@ def test_spread_indices_cover_a_class_sorted_set():
 def test_reconstruction_grid_shows_images_of_every_class(tmp_path):
     """A short pre-training on an ImageNet-layout folder whose validation images are sorted by
     class: the grid's images come from all of its classes, not the first one's."""
-    from pathlib import Path
 
+    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
     from PIL import Image
 
@@ -303,13 +303,12 @@ def test_reconstruction_grid_shows_images_of_every_class(tmp_path):
         num_workers=0, pin_memory=False, persistent_workers=False,
     )  # fmt: skip
 
-    def group(name: str) -> dict:  # a config group's file, as crate-train composes it
-        return OmegaConf.to_container(OmegaConf.load(Path(config_dir()) / f"{name}.yaml"))
-
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):  # as crate-train composes
+        composed = compose("train", overrides=["optimizer=adamw", "scheduler=constant"])
     module = CrateMAEPretrainer(
         model={"name": "mae_crate_micro", "img_size": 32},
-        optimizer=group("optimizer/adamw"),
-        scheduler=group("scheduler/constant"),
+        optimizer=OmegaConf.to_container(composed.optimizer),
+        scheduler=OmegaConf.to_container(composed.scheduler),
         global_batch_size=4,
     )
     figures = ReconstructionFigures(num_images=4)

@@ -130,8 +130,9 @@ def test_augmentation_is_the_same_for_any_worker_count_and_ddp_rank(kind, reques
             return CIFARDataModule(str(root), image_size=48, batch_size=2, random_erasing=0.5, **LOADER)
         root = request.getfixturevalue("imagenet_root")
         return ImageNetDataModule(
-            str(root), image_size=32, eval_resize=36, num_classes=3, batch_size=2, **LOADER
-        )
+            str(root), image_size=32, eval_resize=36, num_classes=3, batch_size=2, **LOADER,
+            randaugment=[2, 9], random_erasing=0.5,
+        )  # fmt: skip
 
     one = _train_inputs(build())
     two = _train_inputs(build(), num_workers=2)
@@ -153,6 +154,48 @@ def test_augmentation_is_the_same_for_any_worker_count_and_ddp_rank(kind, reques
     plain = dm.train_images_for_eval()
     evaluation = {dm.eval_batch(plain[i][0][None])[0].sum().item() for i in range(len(plain))}
     assert {x.sum().item() for x in one.values()} != evaluation
+
+
+def test_imagenet_randaugment_and_erasing_follow_the_seed(imagenet_root, monkeypatch) -> None:
+    def inputs(**options) -> dict:
+        return _train_inputs(
+            ImageNetDataModule(
+                str(imagenet_root), image_size=32, eval_resize=36, num_classes=3, batch_size=2, **LOADER,
+                **options,
+            )
+        )  # fmt: skip
+
+    plain, augmented, again = inputs(), inputs(randaugment=[2, 9]), inputs(randaugment=[2, 9])
+    assert plain.keys() == augmented.keys() == again.keys() and len(plain) == 6
+    assert all(torch.equal(augmented[k], again[k]) for k in plain)  # the same seed: the same images
+    assert not any(torch.equal(augmented[k], plain[k]) for k in plain)
+    # erasing: a rectangle of zeros (every channel) in each image, which the plain inputs have not
+    erased = inputs(random_erasing=1.0)
+    assert all(bool((erased[k] == 0).all(0).any()) for k in plain)
+    assert not any(bool((plain[k] == 0).all(0).any()) for k in plain)
+    # another seed: other keys, other augmentations of the same images
+    monkeypatch.setenv("PL_GLOBAL_SEED", "7")
+    other = inputs(randaugment=[2, 9])
+    assert not set(other) & set(augmented)
+    totals = [sorted(x.sum().item() for x in run.values()) for run in (other, augmented)]
+    assert totals[0] != totals[1]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"randaugment": [2]}, "data.randaugment is null (off) or [num_ops, magnitude]"),
+        ({"randaugment": [2, 11]}, "magnitude 0-10 (timm's scale: [2, 9] for rand-m9), got [2, 11]"),
+        ({"randaugment": True}, "got True"),
+        ({"randaugment": [2, 9], "decode": "gpu"}, "use data.decode=cpu with it, or data.randaugment=null"),
+        ({"random_erasing": 1.5}, "data.random_erasing is a probability in [0, 1], got 1.5"),
+        ({"random_erasing": "0.25"}, "got '0.25'"),
+    ],
+)
+def test_imagenet_augmentation_values_that_cannot_work(imagenet_root, options, message) -> None:
+    with pytest.raises(ValueError) as error:
+        ImageNetDataModule(str(imagenet_root), image_size=32, num_classes=3, **options)
+    assert message in str(error.value) and "\n" not in str(error.value)
 
 
 def test_the_device_step_normalises_with_the_modules_own_statistics(imagenet_root) -> None:

@@ -105,6 +105,53 @@ def test_every_experiment_runs_on_real_format_files(tmp_path, experiment, reques
         assert sum(len(g["params"]) for g in groups) == 2
 
 
+@pytest.mark.parametrize("experiment", ["crate_alpha_in21k", "crate_alpha_in1k_finetune", "mae_finetune"])
+def test_the_crate_alpha_and_mae_fine_tuning_recipes_run_on_real_format_files(
+    tmp_path, experiment, imagenet_root
+):
+    """Each recipe unchanged but for data size, step count and a CPU-sized model of its family
+    (the recipes' own B-sized models write checkpoints of about a gigabyte with their optimizer
+    state; the configs' composition is checked in test_configs): what each recipe sets reaches
+    the optimizer, the model and the data."""
+    model = {"mae_finetune": "mae_crate_micro"}.get(experiment, "crate_alpha_micro")
+    extra = [f"model={model}", "trainer.precision=32-true", *IMAGENET_FIXTURE]
+    if experiment == "crate_alpha_in1k_finetune":
+        # a pre-trained file of another patch size and resolution, with a 1000-class head
+        source = create_model("crate_alpha_micro", patch_size=16, img_size=64, num_classes=1000)
+        torch.save({"state_dict": to_released_state_dict(source)}, tmp_path / "in21k.pth")
+        extra.append(f"model.pretrained={tmp_path / 'in21k.pth'}")
+    if experiment == "mae_finetune":
+        torch.save({"model": to_released_state_dict(create_model("mae_crate_micro"))}, tmp_path / "mae.pth")
+        extra.append(f"model.pretrained={tmp_path / 'mae.pth'}")
+    proc = crate_train(f"experiment={experiment}", f"data.root={imagenet_root}", *STEPS, *extra, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = summary_of(_only_run(tmp_path))
+    assert summary["global_step"] == 2 and 0.0 <= summary["metrics"]["train/acc1"] <= 1.0
+    checkpoint = torch.load(summary["checkpoints"]["last"], map_location="cpu", weights_only=True)
+    hparams, groups = checkpoint["hyper_parameters"], checkpoint["optimizer_states"][0]["param_groups"]
+    assert hparams["mixup"]["mixup_alpha"] == 0.8 and hparams["mixup"]["cutmix_alpha"] == 1.0
+    state = checkpoint["state_dict"]
+    decayed = sum(len(g["params"]) for g in groups if g["weight_decay"] > 0)
+    if experiment.startswith("crate_alpha"):
+        # weight decay on the Linear and convolution weights only: 2 per layer, patch embedding, head
+        assert decayed == 2 * 2 + 2 and {g["weight_decay"] for g in groups} == {0.0, 0.1}
+        assert {tuple(g["betas"]) for g in groups} == {(0.9, 0.95)}
+        lr = 1.6e-4 if experiment == "crate_alpha_in1k_finetune" else 8e-4
+        assert [g["initial_lr"] for g in groups] == pytest.approx([lr] * len(groups))
+        assert state["model.head.weight"].shape == (3, 32)
+    assert hparams["label_smoothing"] == (0.0 if experiment == "crate_alpha_in21k" else 0.1)
+    if experiment == "crate_alpha_in1k_finetune":
+        assert state["model.patch_embed.proj.weight"].shape == (32, 3, 8, 8)  # re-initialised at /8
+    if experiment == "mae_finetune":
+        # layer-wise decay 0.65 over 2 layers: embedding, layer 1, layer 2, head and final norm
+        rates = sorted({g["initial_lr"] for g in groups})
+        assert rates == pytest.approx([2e-3 * 0.65**k for k in (3, 2, 1, 0)])
+        assert state["model.head.weight"].shape == (3, 32)  # MAE fine-tuning's Linear head
+        assert hparams["model"]["drop_path_rate"] == 0.1
+        # decayed: the patch embedding, 3 matrices per layer, the head; not the class token
+        assert decayed == 1 + 3 * 2 + 1
+
+
 def test_linear_probe_freezes_a_pretrained_mae_encoder(tmp_path):
     pretrained = create_model("mae_crate_micro")
     torch.save({"model": to_released_state_dict(pretrained)}, tmp_path / "mae.pth")

@@ -2,9 +2,14 @@
 the plain reference formulas and timm's ViT, in one run; with ``--data``, the input pipeline
 of a crate-train config against its model.
 
-A training step is forward + backward + AdamW step on random images. Each candidate runs in
-its own process so that peak memory (CUDA: max allocated; CPU: peak resident set growth over
-the process before its first step) is its own.
+A training step is forward + backward + AdamW step on random images: a classifier's
+cross-entropy (CRATE, CRATE-alpha), or a CRATE-MAE's own masked-patch loss (mask ratio 0.75).
+Each candidate runs in its own process so that peak memory (CUDA: max allocated; CPU: peak
+resident set growth over the process before its first step) is its own. FLOPs/img are the
+matrix-product FLOPs of its training step's forward and backward (counted once on meta
+tensors; attention as its matrix products), and MFU their rate over the device's peak:
+NVIDIA's figure for an H100 SXM, H200 or A100 at the precision (fp32: TF32 with
+--float32-matmul-precision high or medium), or --peak-tflops; with neither, no MFU.
 
 ``crate-bench --data [crate-train overrides]`` measures the configured training loader alone
 (workers, the copy to the device and the device-side transforms: what a training step waits
@@ -17,19 +22,29 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from typing import Any, Dict, List, NoReturn
 
 import torch
 
-from .benchmarks import LABELS, BenchError, bench_data, check_model, run
+from .benchmarks import (
+    LABELS,
+    BenchError,
+    bench_data,
+    check_candidates,
+    check_model,
+    default_batch_size,
+    label,
+    run,
+)
 from .configs import CommandLineError, check_command_line
+from .flops import device_description
 
 EXAMPLES = """examples:
-  crate-bench                      # CRATE-T, 224 px, batch 16, fp32, on the GPU if there is one
+  crate-bench                      # CRATE-T, 224 px, fp32, on the GPU if there is one
   crate-bench --precision bf16 --compile --device cuda
   crate-bench --model crate_small --batch-size 32 --candidates crate vit_tiny plain
+  crate-bench --model mae_crate_base --precision bf16 --peak-tflops 756   # MFU on an H100 PCIe
   crate-bench --data data=imagenet data.root=/data/imagenet model=crate_tiny trainer.precision=bf16-mixed
   crate-bench --data data=imagenet data.root=/data/imagenet --baseline   # and torchvision's pipeline
 
@@ -67,6 +82,25 @@ def _count(minimum: int) -> Any:
         return value
 
     return parse
+
+
+def _positive(text: str) -> float:
+    """An argparse type: a positive number."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def _flops(value: float) -> str:
+    """A FLOP count with its SI prefix: 10.8 G."""
+    for prefix, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.3g} {prefix}"
+    return f"{value:.3g} "
 
 
 def check_device(name: str) -> torch.device:
@@ -165,11 +199,19 @@ def _main_models(argv: List[str]) -> None:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", default="crate_tiny", help="a CRATE classifier name (default crate_tiny)")
+    parser.add_argument(
+        "--model", default="crate_tiny", help="a CRATE, CRATE-alpha or CRATE-MAE model (default crate_tiny)"
+    )
     parser.add_argument(
         "--img-size", type=_count(1), default=224, help="image side in pixels, a multiple of the patch size"
     )
-    parser.add_argument("--batch-size", type=_count(1), default=16, help="images per training step")
+    parser.add_argument(
+        "--batch-size",
+        type=_count(1),
+        default=None,
+        help="images per training step (default: 16 on a CPU; on a GPU 256 for a base-sized model at "
+        "224 px, fewer for larger ones, down to 8)",
+    )
     parser.add_argument("--steps", type=_count(1), default=5, help="timed steps (the median is reported)")
     parser.add_argument("--warmup", type=_count(0), default=2, help="untimed steps first")
     parser.add_argument(
@@ -177,14 +219,29 @@ def _main_models(argv: List[str]) -> None:
     )
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     parser.add_argument("--compile", action="store_true", help="torch.compile every candidate")
+    parser.add_argument(
+        "--float32-matmul-precision",
+        choices=("highest", "high", "medium"),
+        default="highest",
+        help="torch.set_float32_matmul_precision on a GPU (crate-train's default is high: TF32)",
+    )
+    parser.add_argument(
+        "--peak-tflops", type=_positive, help="peak TFLOP/s of the device for MFU (default: NVIDIA's figure)"
+    )
     parser.add_argument("--threads", type=_count(0), default=0, help="torch threads (0: torch's default)")
     parser.add_argument(
-        "--candidates", nargs="+", default=list(LABELS), choices=list(LABELS), help="what to measure"
+        "--candidates",
+        nargs="+",
+        choices=list(LABELS),
+        help="what to measure (default: all that compare with the model's family)",
     )
     parser.add_argument("--json", action="store_true", help="print the results as JSON too")
     args = parser.parse_args(argv)
-    check_device(args.device)
+    device = check_device(args.device)
     check_model(args.model, args.img_size)
+    args.candidates = check_candidates(args.model, args.candidates)
+    if args.batch_size is None:
+        args.batch_size = default_batch_size(args.model, args.img_size, args.device)
     results = run(args)
     threads = args.threads or torch.get_num_threads()
     print(
@@ -192,13 +249,23 @@ def _main_models(argv: List[str]) -> None:
         f"{args.device} ({threads} threads), median of {args.steps} training steps"
         + (", torch.compile" if args.compile else "")
     )
-    plain = next((r["images_per_s"] for r in results if r["kind"] == "plain"), math.nan)
-    print(f"{'implementation':<36}{'params':>12}{'images/s':>11}{'peak MiB':>10}{'vs plain':>10}")
+    peak = results[0]["peak_tflops"]
+    if peak is None:
+        print(f"MFU: the peak FLOP/s of {device_description(device)} is not known; give --peak-tflops")
+    else:
+        source = "--peak-tflops" if args.peak_tflops else f"{device_description(device)}, {args.precision}"
+        print(f"MFU against a peak of {peak:g} TFLOP/s ({source})")
+    plain = next((r["images_per_s"] for r in results if r["kind"] == "plain"), None)
+    header = f"{'implementation':<40}{'params':>12}{'images/s':>11}{'FLOPs/img':>11}"
+    header += f"{'MFU':>8}" * (peak is not None) + f"{'peak MiB':>10}" + f"{'vs plain':>10}" * bool(plain)
+    print(header)
     for r in results:
-        print(
-            f"{LABELS[r['kind']]:<36}{r['params']:>12,}{r['images_per_s']:>11.2f}{r['peak_mib']:>10.0f}"
-            f"{r['images_per_s'] / plain:>9.2f}x"
-        )
+        line = f"{label(r['kind'], args.model):<40}{r['params']:>12,}{r['images_per_s']:>11.2f}"
+        line += f"{_flops(r['flops_per_image']):>11}"
+        line += f"{r['mfu']:>8.2%}" if peak is not None else ""
+        line += f"{r['peak_mib']:>10.0f}"
+        line += f"{r['images_per_s'] / plain:>9.2f}x" if plain else ""
+        print(line)
     if args.json:
         json.dump(results, sys.stdout, indent=2)
         print()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import math
 import multiprocessing as mp
 import resource
 import time
@@ -18,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .flops import device_peak_tflops, mfu, training_flops, training_loss
 from .models import Crate, create_model
-from .models.crate import CRATE_CONFIGS
-from .models.crate_mae import CRATE_MAE_CONFIGS
+from .models.factory import MODEL_NAMES, family
 
 
 class BenchError(ValueError):
@@ -38,16 +39,43 @@ def check_model(
     name, an image size the patches do not divide. ``keys`` name the two settings in the
     message (``model=``, ``data.image_size=`` for --data)."""
     model, size = f"{keys[0]}{name}", f"{keys[1]}{img_size}"
-    if name not in CRATE_CONFIGS:
-        close = difflib.get_close_matches(name, list(CRATE_CONFIGS), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else f"; choose one of {', '.join(CRATE_CONFIGS)}"
-        kind = "a CRATE-MAE model; crate-bench times classifiers" if name in CRATE_MAE_CONFIGS else "unknown"
-        raise BenchError(f"{model} is {kind}{hint}")
+    if name not in MODEL_NAMES:
+        close = difflib.get_close_matches(name, list(MODEL_NAMES), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; choose one of {', '.join(MODEL_NAMES)}"
+        raise BenchError(f"{model} is unknown{hint}")
     try:
         with torch.device("meta"):
             create_model(name, **{**(kwargs or {}), "img_size": img_size})
     except (ValueError, TypeError) as err:
         raise BenchError(f"{model} at {size}: {str(err).splitlines()[0]}") from None
+
+
+def check_candidates(name: str, candidates: Optional[List[str]]) -> List[str]:
+    """The implementations to measure for model ``name``: ``candidates``, or all that compare
+    with its family when None (the plain reference formulas are CRATE's; timm's ViT is a
+    classifier, no comparison for a CRATE-MAE pre-training step)."""
+    allowed = CANDIDATES[family(name)]
+    for kind in candidates or ():
+        if kind not in allowed:
+            raise BenchError(
+                f"--candidates {kind} ({LABELS[kind]}) is no comparison for the {family(name)} model "
+                f"{name}; choose from {', '.join(allowed)}"
+            )
+    return list(candidates or allowed)
+
+
+def default_batch_size(name: str, img_size: int, device: str) -> int:
+    """16 images on a CPU. On a GPU 256 for a base-sized model at 224 px (197 tokens, width 768,
+    12 layers) and, for another, about as many as take the same activation memory (which grows
+    with tokens x width x layers, the decoder's counted), a power of two from 8 to 256."""
+    if torch.device(device).type != "cuda":
+        return 16
+    with torch.device("meta"):
+        model = create_model(name, img_size=img_size)
+    tokens = model.patch_embed.num_patches + 1
+    layers = len(model.blocks) + len(getattr(model, "decoder_blocks", ()))
+    images = 256 * (197 * 768 * 12) / (tokens * model.embed_dim * layers)
+    return int(min(256, max(8, 2 ** math.floor(math.log2(images)))))
 
 
 class PlainCrate(Crate):
@@ -118,18 +146,23 @@ def _measure_steps(kind: str, args: argparse.Namespace, queue: Any) -> None:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads) if args.threads else None
     device = torch.device(args.device)
+    if device.type == "cuda":  # as crate-train does; a CPU keeps torch's default
+        torch.set_float32_matmul_precision(args.float32_matmul_precision)
     model = _build(kind, args).to(device).train()
     params = sum(p.numel() for p in model.parameters())
-    if args.compile:
-        model = torch.compile(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
-    labels = torch.randint(0, model.num_classes, (args.batch_size,), device=device)
+    # a CRATE-MAE's training step needs no labels: its forward returns the loss
+    mae = family(args.model) == "CRATE-MAE"
+    labels = None if mae else torch.randint(0, model.num_classes, (args.batch_size,), device=device)
+    flops_per_image = training_flops(model, images, labels) / args.batch_size
+    if args.compile:
+        model = torch.compile(model, mode=getattr(args, "compile_mode", None))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
 
     def step() -> None:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = F.cross_entropy(model(images), labels)
+            loss = training_loss(model, images, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -152,7 +185,19 @@ def _measure_steps(kind: str, args: argparse.Namespace, queue: Any) -> None:
         times.append(time.perf_counter() - start)
     median = sorted(times)[len(times) // 2]
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else _rss_mib() - base_rss
-    queue.put({"kind": kind, "images_per_s": args.batch_size / median, "peak_mib": peak, "params": params})
+    rate = args.batch_size / median
+    peak_tflops = args.peak_tflops or device_peak_tflops(device, args.precision)
+    queue.put(
+        {
+            "kind": kind,
+            "images_per_s": rate,
+            "peak_mib": peak,
+            "params": params,
+            "flops_per_image": flops_per_image,
+            "peak_tflops": peak_tflops,
+            "mfu": mfu(rate, flops_per_image, peak_tflops) if peak_tflops else None,
+        }
+    )
 
 
 LABELS = {
@@ -161,6 +206,19 @@ LABELS = {
     "vit_same": "timm ViT, same width/depth/heads",
     "vit_tiny": "timm vit_tiny_patch16_224",
 }
+# what each family is compared with (check_candidates)
+CANDIDATES = {
+    "CRATE": tuple(LABELS),
+    "CRATE-alpha": ("crate", "vit_same", "vit_tiny"),
+    "CRATE-MAE": ("crate",),
+}
+
+
+def label(kind: str, model: str) -> str:
+    """How crate-bench names the implementation ``kind`` of model ``model``."""
+    if kind == "crate" and family(model) != "CRATE":
+        return f"crate-lit {family(model)}" + (" (pre-training step)" if family(model) == "CRATE-MAE" else "")
+    return LABELS[kind]
 
 
 def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
@@ -174,14 +232,15 @@ def run(args: argparse.Namespace) -> List[Dict[str, Any]]:
         if proc.exitcode is not None and proc.exitcode < 0:
             # the kernel's out-of-memory killer leaves no traceback, only the signal
             raise BenchError(
-                f"the {LABELS[kind]} benchmark was killed by signal {-proc.exitcode} (out of memory?); "
-                "lower --batch-size or --img-size"
+                f"the {label(kind, args.model)} benchmark was killed by signal {-proc.exitcode} (out of "
+                "memory?); lower --batch-size or --img-size"
             )
         if proc.exitcode != 0:  # its traceback is above
             raise RuntimeError(f"benchmark of {kind} failed (exit code {proc.exitcode})")
         result = queue.get()
         if "error" in result:
-            raise BenchError(f"{LABELS[kind]}: {result['error']}; lower --batch-size or --img-size")
+            error = result["error"]
+            raise BenchError(f"{label(kind, args.model)}: {error}; lower --batch-size or --img-size")
         results.append(result)
     return results
 
@@ -293,7 +352,8 @@ def bench_data(
         model=str(cfg.model.name), img_size=int(cfg.data.image_size), batch_size=result["batch_size"],
         steps=5, warmup=2, device=device, precision={"bf16-mixed": "bf16", "16-mixed": "fp16"}.get(
             str(cfg.trainer.precision), "fp32"), compile=bool(cfg.get("compile")), threads=0,
-        candidates=["crate"], model_kwargs=model_kwargs,
+        candidates=["crate"], model_kwargs=model_kwargs, compile_mode=cfg.get("compile_mode"),
+        float32_matmul_precision=str(cfg.get("float32_matmul_precision", "high")), peak_tflops=None,
     )  # fmt: skip
     model = run(model_args)[0]
     result["model_images_per_s"] = model["images_per_s"]

@@ -7,7 +7,9 @@ from pathlib import Path
 from typing import Any, List
 
 import lightning as L
+import torch
 from hydra.utils import instantiate
+from lightning.pytorch.accelerators import CUDAAccelerator
 from omegaconf import DictConfig
 
 from .configs import to_container
@@ -43,7 +45,10 @@ def build_module(cfg: DictConfig) -> L.LightningModule:
             global_batch_size=int(cfg.data.batch_size),
         )
     return CrateClassifier(
-        **common, label_smoothing=float(cfg.label_smoothing), linear_probe=cfg.task == "linear_probe"
+        **common,
+        label_smoothing=float(cfg.label_smoothing),
+        linear_probe=cfg.task == "linear_probe",
+        mixup=to_container(cfg.get("mixup")),
     )
 
 
@@ -65,10 +70,15 @@ def build_callbacks(cfg: DictConfig, clock: RunClock, loggers: List[Any]) -> Lis
 
 
 def build_trainer(cfg: DictConfig, output_dir: Path, callbacks: List[Any], loggers: List[Any]) -> L.Trainer:
-    return L.Trainer(
+    """The Trainer; on a CUDA GPU with ``float32_matmul_precision`` set for float32 matrix
+    products (a CPU keeps torch's default)."""
+    trainer = L.Trainer(
         **to_container(cfg.trainer),
         default_root_dir=str(output_dir),
         callbacks=callbacks,
         logger=loggers or False,
         plugins=[AtomicCheckpointIO()],
     )
+    if isinstance(trainer.accelerator, CUDAAccelerator):
+        torch.set_float32_matmul_precision(str(cfg.get("float32_matmul_precision", "high")))
+    return trainer

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import lightning as L
 import torch
@@ -15,7 +15,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 from torch.utils.data import default_collate
 
-from . import figures, measures
+from . import figures, flops, measures
+from .modules import CrateClassifier, CrateMAEPretrainer
 
 log = logging.getLogger(__name__)
 
@@ -156,20 +157,53 @@ class ReconstructionFigures(L.Callback):
 
 class ThroughputLogger(L.Callback):
     """Training images/s and the share of wall time spent waiting for data, per epoch
-    (``perf/images_per_sec``, over all DDP ranks, and ``perf/data_wait_share``).
+    (``perf/images_per_sec``, over all DDP ranks, and ``perf/data_wait_share``), and the model's
+    training FLOPs per image and model FLOPs utilisation (``perf/flops_per_image``, ``perf/mfu``).
 
     Measured on the host: the wait is the time from the end of one training step to the start
     of the next (fetching the batch, moving it to the device, the device-side transforms'
     launch). A share near 0 means the model bounds the run; a large one means the input
     pipeline does (more workers, ``data.decode=gpu``, a cached dataset). The first step of an
     epoch (worker start-up, compilation) is left out.
+
+    The FLOPs of a training step (forward + backward, :func:`crate_lit.flops.training_flops`) are
+    counted once, on meta tensors shaped as the first training batch, for crate-lit's
+    classification and CRATE-MAE modules. MFU is one device's images/s times those FLOPs over its
+    peak FLOP/s: ``peak_tflops`` when given, else the GPU's from :data:`crate_lit.flops.PEAK_TFLOPS`
+    for the trainer's precision; with neither (a CPU, another GPU) MFU is not logged.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, peak_tflops: Optional[float] = None) -> None:
+        flops.check_peak_tflops(peak_tflops)
+        self.peak_tflops = peak_tflops
         self._last_end: Optional[float] = None
         self._start = 0.0
         self._wait = self._total = 0.0
         self._images = 0
+        self._counted = False
+        # the peak this run is measured against (TFLOP/s of one device), set at the start of fit
+        self.peak: Optional[float] = None
+        self.flops_per_image: Optional[float] = None
+        # the last epoch's figures, for summary.json
+        self.images_per_sec: Optional[float] = None
+        self.mfu: Optional[float] = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        device = trainer.strategy.root_device
+        self.peak = self.peak_tflops or flops.device_peak_tflops(device, str(trainer.precision))
+        if not trainer.is_global_zero:
+            return
+        if self.peak is None:
+            log.info(
+                "perf/mfu is not logged: the peak FLOP/s of %s at trainer.precision=%s is not known; "
+                "give callbacks.throughput.peak_tflops=<peak TFLOP/s of one device> to log it",
+                flops.device_description(device),
+                trainer.precision,
+            )
+        else:
+            given = "callbacks.throughput.peak_tflops"
+            source = given if self.peak_tflops else flops.device_description(device)
+            log.info("perf/mfu against a peak of %g TFLOP/s per device (%s)", self.peak, source)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._last_end, self._wait, self._total, self._images = None, 0.0, 0.0, 0
@@ -177,7 +211,28 @@ class ThroughputLogger(L.Callback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        if not self._counted:  # before the step's clock starts (the first step is not timed anyway)
+            self._counted = True
+            self.flops_per_image = self._count_flops(trainer, pl_module, batch)
         self._start = time.perf_counter()
+
+    def _count_flops(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any) -> Optional[float]:
+        images = batch[0]
+        if isinstance(pl_module, CrateMAEPretrainer):
+            labels = None
+        elif isinstance(pl_module, CrateClassifier):
+            labels = batch[1]
+        else:  # another module's training loss is its own: no count rather than a guess
+            return None
+        try:
+            mask_ratio = float(pl_module.hparams.get("mask_ratio", 0.75))
+            total = flops.training_flops(pl_module.model, images, labels, mask_ratio=mask_ratio)
+        except (RuntimeError, NotImplementedError, TypeError, ValueError) as err:
+            # a model that cannot run on meta tensors: the run goes on, without FLOPs
+            if trainer.is_global_zero:
+                log.warning("perf/flops_per_image and perf/mfu are not logged: counting failed (%s)", err)
+            return None
+        return total / len(images)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -194,14 +249,29 @@ class ThroughputLogger(L.Callback):
             return
         rate = self._images / self._total
         # each rank measures its own share; images/s adds up over ranks
-        pl_module.log_dict(
-            {
-                "perf/images_per_sec": rate * trainer.world_size,
-                "perf/data_wait_share": self._wait / self._total,
-            },
-            sync_dist=False,
-            rank_zero_only=True,
-        )
+        self.images_per_sec = rate * trainer.world_size
+        metrics = {
+            "perf/images_per_sec": self.images_per_sec,
+            "perf/data_wait_share": self._wait / self._total,
+        }
+        if self.flops_per_image is not None:
+            metrics["perf/flops_per_image"] = self.flops_per_image
+            if self.peak is not None:
+                # this rank's rate against one device's peak: the same share as the global rate
+                # against the peak of all devices
+                self.mfu = flops.mfu(rate, self.flops_per_image, self.peak)
+                metrics["perf/mfu"] = self.mfu
+        pl_module.log_dict(metrics, sync_dist=False, rank_zero_only=True)
+
+    def summary(self) -> Dict[str, Optional[float]]:
+        """summary.json's ``throughput``: FLOPs per image, the last epoch's images/s (all ranks)
+        and MFU, and the peak TFLOP/s of one device that MFU is measured against."""
+        return {
+            "flops_per_image": self.flops_per_image,
+            "images_per_sec": self.images_per_sec,
+            "mfu": self.mfu,
+            "peak_tflops": self.peak,
+        }
 
 
 def spread_indices(size: int, count: int) -> List[int]:

@@ -9,8 +9,10 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import lightning as L
 import torch
 import torch.nn.functional as F
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from .data.augment import MIXING_OFF, mixup_cutmix
 from .models import CrateMAEClassifier, create_model, load_pretrained
 from .optim import build_optimizer, build_scheduler, optimizer_steps_per_epoch
 from .seeding import global_seed, stable_seed
@@ -110,7 +112,10 @@ class CrateClassifier(ScheduledModule):
     """Image classification: cross-entropy with label smoothing, top-1/top-5 accuracy,
     optimizer and per-step schedule from config. ``linear_probe`` freezes everything but a
     new classifier head, and keeps the frozen part in eval mode. A CRATE-MAE model is its
-    encoder with a new head: the linear probe's, or fine-tuned whole (MAE's fine-tuning)."""
+    encoder with a new head: the linear probe's, or fine-tuned whole (MAE's fine-tuning).
+    ``mixup`` (conf/train.yaml's block: mixup_alpha, cutmix_alpha, prob, switch_prob) mixes
+    training batches (``augment.mixup_cutmix``); ``train/acc1`` is then the soft-target
+    accuracy, the mixed target's weight on the predicted class averaged over images."""
 
     def __init__(
         self,
@@ -119,10 +124,13 @@ class CrateClassifier(ScheduledModule):
         scheduler: Dict[str, Any],
         label_smoothing: float = 0.1,
         linear_probe: bool = False,
+        mixup: Optional[Dict[str, float]] = None,
     ) -> None:
         super().__init__()
         # plain containers only, so checkpoints load under torch.load(weights_only=True)
         self.save_hyperparameters(logger=False)
+        # None (and checkpoints from before mixing existed): the yaml's off values
+        self.hparams.mixup = {**MIXING_OFF, **(mixup or {})}
         self.model = build_classifier(model, linear_probe)
         num_classes = self.model.num_classes
         if linear_probe:
@@ -130,8 +138,11 @@ class CrateClassifier(ScheduledModule):
             if not isinstance(self.model, CrateMAEClassifier):
                 self.model.reset_classifier(num_classes)  # a probe trains a fresh head
             self.model.get_classifier().requires_grad_(True)
+        # the target's weight on the predicted class, averaged over all images: top-1 accuracy
+        # (micro) for plain labels, and its soft version for mixed ones. No NaN check: that
+        # would wait on the device at every step
+        self.train_acc = MeanMetric(nan_strategy="disable")
         # top-k accuracy over all images (micro), not torchmetrics' default mean of per-class recalls
-        self.train_acc = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_acc5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
 
@@ -147,9 +158,26 @@ class CrateClassifier(ScheduledModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         images, labels = batch[0], batch[1]
+        mixing = self.hparams.mixup
+        targets = None
+        if mixing["mixup_alpha"] > 0 or mixing["cutmix_alpha"] > 0:
+            if len(batch) < 3:
+                raise ValueError(
+                    "mixup/cutmix draws from each image's key, but this training batch has none; "
+                    "train with a crate-lit data module, whose batches are (images, labels, keys)"
+                )
+            images, targets = mixup_cutmix(images, labels, batch[2], self.model.num_classes, **mixing)
         logits = self(images)
-        loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
-        self.train_acc(logits, labels)
+        smoothing = self.hparams.label_smoothing
+        if targets is None:
+            loss = F.cross_entropy(logits, labels, label_smoothing=smoothing)
+            hits = (logits.argmax(1) == labels).float()
+        else:
+            # torch smooths probability targets as (1 - s) * t + s / C, which is timm's
+            # mixup_target(..., smoothing=s) of the same mix: with it, SoftTargetCrossEntropy
+            loss = F.cross_entropy(logits, targets, label_smoothing=smoothing)
+            hits = targets.gather(1, logits.argmax(1, keepdim=True))[:, 0]
+        self.train_acc(hits)
         # averaged over DDP ranks: the loss of the global batch, as one process would log it
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         self.log("train/acc1", self.train_acc, on_step=False, on_epoch=True)

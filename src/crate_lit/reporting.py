@@ -8,6 +8,7 @@ from typing import Any, Dict, List
 import lightning as L
 import torch
 
+from .callbacks import ThroughputLogger
 from .loggers import AppendingCSVLogger
 from .runs import pasteable
 
@@ -83,6 +84,8 @@ def run_summary(
             "last": (last[0] if last else getattr(checkpoint, "last_model_path", "")) or None,
         },
         "best_validation": best_validation,
+        # exact, where the logged perf/* metrics are float32
+        "throughput": next((c.summary() for c in trainer.callbacks if isinstance(c, ThroughputLogger)), None),
         "metrics_file": metrics_file(loggers),
         "config": str(output_dir / ".hydra" / "config.yaml"),
         "output_dir": str(output_dir),

@@ -77,7 +77,8 @@ def run(cfg: DictConfig) -> Dict[str, Any]:
             datamodule = build_datamodule(cfg)
             module = build_module(cfg)
             if cfg.get("compile"):
-                module.model.compile()  # in place: parameter names (and checkpoints) stay unchanged
+                # in place: parameter names (and checkpoints) stay unchanged
+                module.model.compile(mode=cfg.get("compile_mode"))
             clock = RunClock(started)
             loggers = instantiate_group(cfg.get("logger"))
             callbacks = build_callbacks(cfg, clock, loggers)

@@ -14,6 +14,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .callbacks import check_ema_decay
 from .data import DATAMODULES
+from .flops import check_peak_tflops
 from .modules import TASKS, is_mae
 from .optim import DECAY_RULES, OPTIMIZERS, SCHEDULES
 
@@ -92,6 +93,19 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     if cfg.get("ema_decay") is not None:  # the callbacks group's ema entry takes it
         check_ema_decay(cfg.ema_decay)
+    # what torch.compile and torch.set_float32_matmul_precision take; they refuse others with a traceback
+    compile_modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+    if cfg.get("compile_mode") is not None and cfg.compile_mode not in compile_modes:
+        raise ConfigError(
+            f"unknown compile_mode {cfg.compile_mode!r}; choose null or one of {', '.join(compile_modes)}"
+        )
+    matmul = cfg.get("float32_matmul_precision", "high")
+    if matmul not in ("highest", "high", "medium"):
+        raise ConfigError(
+            f"unknown float32_matmul_precision {matmul!r}; choose highest (exact float32), high (TF32 "
+            "tensor cores) or medium"
+        )
+    check_peak_tflops(OmegaConf.select(cfg, "callbacks.throughput.peak_tflops"))
     ratio = cfg.get("mask_ratio")
     number = isinstance(ratio, (int, float)) and not isinstance(ratio, bool)
     if task == "mae" and not (number and 0 <= ratio < 1):
@@ -103,6 +117,27 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"task=mae pre-trains a CRATE-MAE model, but model={model} is a classifier; "
             "choose one of the mae_* models (e.g. model=mae_crate_base)"
+        )
+    # mixup block: finite alphas >= 0 and probabilities (NaN fails every comparison); mixing
+    # needs labels, which task=mae has not
+    mixing = OmegaConf.select(cfg, "mixup", default=None) or {}
+    for key, value in mixing.items():
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if key in ("mixup_alpha", "cutmix_alpha") and not (number and 0 <= value < float("inf")):
+            raise ConfigError(
+                f"mixup.{key} must be a number >= 0 (the alpha of its Beta(alpha, alpha); 0 turns it "
+                f"off), got {value!r}"
+            )
+        if key in ("prob", "switch_prob") and not (number and 0 <= value <= 1):
+            raise ConfigError(f"mixup.{key} is a probability in [0, 1], got {value!r}")
+        if key not in ("mixup_alpha", "cutmix_alpha", "prob", "switch_prob"):
+            raise ConfigError(
+                f"unknown key mixup.{key}; the mixup block has mixup_alpha, cutmix_alpha, prob, switch_prob"
+            )
+    if task == "mae" and (mixing.get("mixup_alpha", 0) > 0 or mixing.get("cutmix_alpha", 0) > 0):
+        raise ConfigError(
+            "mixup/cutmix mixes the labels of classification, and task=mae has none; "
+            "set mixup.mixup_alpha=0 mixup.cutmix_alpha=0 for pre-training"
         )
     if not OmegaConf.select(cfg, "model.pretrained"):
         if task == "linear_probe":

@@ -4,8 +4,9 @@
 Workers hand **uint8** batches (B, 3, H, W) to the device; ``on_after_batch_transfer`` turns
 them into normalised float there and applies the batch-level random transforms (flips,
 translations, erasing: ``augment``), on the GPU when there is one and on the CPU otherwise,
-with the same code. Each DataModule takes the *per-device* batch size; ``crate_lit.train``
-derives it from the global ``data.batch_size``.
+with the same code. Training batches reach the module as ``(inputs, labels, keys)``. Each
+DataModule takes the *per-device* batch size; ``crate_lit.train`` derives it from the global
+``data.batch_size``.
 
 Randomness is a function of (seed, epoch, image index) alone: ``EpochSampler`` gives every
 training image a 63-bit key, per-sample work in workers runs under torch's generator seeded with
@@ -264,7 +265,8 @@ class ImageDataModule(L.LightningDataModule):
         trainer = self.trainer
         if trainer is not None and trainer.training:
             images, labels, keys = batch
-            return self.train_batch(images, keys), labels
+            # the keys go on with the batch: the module's mixup/cutmix draws from them too
+            return self.train_batch(images, keys), labels, keys
         images, *rest = batch
         return (self.eval_batch(images), *rest)
 

@@ -485,8 +485,10 @@ CRATE_CONFIGS: Dict[str, Dict[str, Any]] = {
 
 
 # -- named constructors (registered in timm's model registry) ----------------------------
-def _cfg(variant: str) -> Dict[str, Any]:
-    args = CRATE_CONFIGS[variant]
+def pretrained_cfg(args: Dict[str, Any], interpolation: str = "bicubic") -> Dict[str, Any]:
+    """timm's pretrained config of a named model built with ``args`` (its size-table entry):
+    input size, crop and normalisation (0.5 for the CPU-sized models, trained on the shapes
+    dataset; ImageNet's otherwise)."""
     size = to_2tuple(args.get("img_size", 224))
     cpu_sized = size[0] < 224
     return {
@@ -495,7 +497,7 @@ def _cfg(variant: str) -> Dict[str, Any]:
         "input_size": (3, *size),
         "pool_size": None,
         "crop_pct": 1.0 if cpu_sized else 0.875,
-        "interpolation": "bicubic",
+        "interpolation": interpolation,
         "fixed_input_size": True,
         "mean": (0.5, 0.5, 0.5) if cpu_sized else IMAGENET_DEFAULT_MEAN,
         "std": (0.5, 0.5, 0.5) if cpu_sized else IMAGENET_DEFAULT_STD,
@@ -505,19 +507,32 @@ def _cfg(variant: str) -> Dict[str, Any]:
     }
 
 
-default_cfgs = generate_default_cfgs({name: _cfg(name) for name in CRATE_CONFIGS})
+def build_named(
+    cls: type,
+    table: Dict[str, Dict[str, Any]],
+    filter_fn: Callable,
+    variant: str,
+    pretrained: bool,
+    **kwargs: Any,
+) -> nn.Module:
+    """A named model through timm's ``build_model_with_cfg``: its size-table entry under
+    ``kwargs``, released weights mapped by ``filter_fn``, features by block (``features_only``)."""
+    out_indices = kwargs.pop("out_indices", 3)
+    return build_model_with_cfg(
+        cls,
+        variant,
+        pretrained,
+        pretrained_filter_fn=filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+        **{**table[variant], **kwargs},
+    )
+
+
+default_cfgs = generate_default_cfgs({name: pretrained_cfg(args) for name, args in CRATE_CONFIGS.items()})
 
 
 def _create_crate(variant: str, pretrained: bool = False, **kwargs: Any) -> Crate:
-    out_indices = kwargs.pop("out_indices", 3)
-    return build_model_with_cfg(
-        Crate,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **{**CRATE_CONFIGS[variant], **kwargs},
-    )
+    return build_named(Crate, CRATE_CONFIGS, checkpoint_filter_fn, variant, pretrained, **kwargs)
 
 
 @register_model

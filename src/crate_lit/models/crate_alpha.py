@@ -19,12 +19,20 @@ from typing import Any, Dict, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, to_2tuple
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.layers import DropPath
+from timm.models import generate_default_cfgs, register_model
 from torch import Tensor, nn
 
-from .crate import Crate, IstaBlock, LayerTrace, SubspaceAttention, rename_keys, resample_pos_embed
+from .crate import (
+    Crate,
+    IstaBlock,
+    LayerTrace,
+    SubspaceAttention,
+    build_named,
+    pretrained_cfg,
+    rename_keys,
+    resample_pos_embed,
+)
 from .crate_mae import ConvPatchEmbed
 
 __all__ = [
@@ -294,39 +302,14 @@ CRATE_ALPHA_CONFIGS: Dict[str, Dict[str, Any]] = {
 }
 
 
-def _cfg(variant: str) -> Dict[str, Any]:
-    args = CRATE_ALPHA_CONFIGS[variant]
-    size = to_2tuple(args.get("img_size", 224))
-    cpu_sized = size[0] < 224
-    return {
-        "url": "",
-        "num_classes": args.get("num_classes", 1000),
-        "input_size": (3, *size),
-        "pool_size": None,
-        "crop_pct": 1.0 if cpu_sized else 0.875,
-        "interpolation": "bilinear",
-        "fixed_input_size": True,
-        "mean": (0.5, 0.5, 0.5) if cpu_sized else IMAGENET_DEFAULT_MEAN,
-        "std": (0.5, 0.5, 0.5) if cpu_sized else IMAGENET_DEFAULT_STD,
-        "first_conv": "patch_embed.proj",
-        "classifier": "head",
-        "license": "mit",
-    }
-
-
-default_cfgs = generate_default_cfgs({name: _cfg(name) for name in CRATE_ALPHA_CONFIGS})
+# bilinear: the released recipes' crops and resizes
+default_cfgs = generate_default_cfgs(
+    {name: pretrained_cfg(args, interpolation="bilinear") for name, args in CRATE_ALPHA_CONFIGS.items()}
+)
 
 
 def _create_crate_alpha(variant: str, pretrained: bool = False, **kwargs: Any) -> CrateAlpha:
-    out_indices = kwargs.pop("out_indices", 3)
-    return build_model_with_cfg(
-        CrateAlpha,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **{**CRATE_ALPHA_CONFIGS[variant], **kwargs},
-    )
+    return build_named(CrateAlpha, CRATE_ALPHA_CONFIGS, checkpoint_filter_fn, variant, pretrained, **kwargs)
 
 
 @register_model

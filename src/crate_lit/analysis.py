@@ -303,7 +303,7 @@ def collect_whitebox(cfg: DictConfig, model: torch.nn.Module, datamodule: Any) -
         shown=shown,
         layer_index=layer_index,
         reconstruction=reconstruction,
-        family=family_of(model.encoder if isinstance(model, CrateMAEClassifier) else model),
+        family=family_of(model),
     )
 
 

@@ -277,7 +277,10 @@ def _fit_hint(model: nn.Module, state: Dict[str, Tensor], misshaped: bool) -> st
 
 
 def family_of(model: nn.Module) -> str:
-    """``CRATE``, ``CRATE-alpha`` or ``CRATE-MAE``: the family of a crate-lit model."""
+    """``CRATE``, ``CRATE-alpha`` or ``CRATE-MAE``: the family of a crate-lit model (a classifier
+    on a CRATE-MAE encoder is its encoder's)."""
+    if isinstance(model, CrateMAEClassifier):
+        model = model.encoder
     # the most derived first: CrateAlpha is a Crate
     for kind in ("CRATE-alpha", "CRATE-MAE", "CRATE"):
         if isinstance(model, FAMILIES[kind][1]):
